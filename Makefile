@@ -1,0 +1,41 @@
+# The front doors. `make run` and `make test` are the whole set-up on a fresh clone: each
+# creates .venv first when it is missing (or older than pyproject.toml / constraints.txt).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run demo test lock clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# The whole pipeline, through the Prefect flow, on the real hot-dog data (downloads it once).
+run: $(STAMP)
+	$(PY) -m flows.pipeline
+
+# The same pipeline offline, in its own workspace (demo/), on a generated dataset.
+demo: $(STAMP)
+	$(PY) -m finetune demo-setup
+	$(PY) -m flows.pipeline --workspace $$($(PY) -c 'from finetune.config import load_params; print(load_params().demo.workspace)')
+
+# pytest's exit status 5 (no tests collected) fails like any other non-zero status.
+test: $(STAMP)
+	$(PY) -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
+	exit $$status
+
+# Re-pin constraints.txt from the current environment (after changing pyproject.toml).
+lock: $(STAMP)
+	{ echo "# The exact dependency set of .venv (Python 3.11, Linux x86_64); written by 'make lock'."; \
+	  $(PY) -m pip freeze --exclude-editable --exclude finetune | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean-demo:
+	rm -rf demo

@@ -1,0 +1,130 @@
+"""Typed view of params.yaml: the pipeline's only configuration.
+
+Every section is a frozen pydantic model that rejects unknown keys, so a typo in params.yaml
+(or in `dvc exp run -S`) is an error that names the key instead of a silently ignored setting.
+No defaults live here: params.yaml holds every value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+_HEX_LENGTHS = {"sha1": 40, "sha256": 64}
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An expected digest of a file, e.g. ``sha1:fba4...``."""
+
+    algorithm: str
+    hexdigest: str
+
+    @classmethod
+    def parse(cls, text: str) -> Checksum:
+        """Parse ``<algorithm>:<hex>``; raise ValueError saying the accepted forms."""
+        algorithm, _, hexdigest = text.strip().partition(":")
+        algorithm, hexdigest = algorithm.lower(), hexdigest.lower()
+        length = _HEX_LENGTHS.get(algorithm)
+        if length is None or not re.fullmatch(rf"[0-9a-f]{{{length}}}", hexdigest):
+            raise ValueError(
+                f"{text!r} is not a checksum: write sha1:<40 hex digits> or sha256:<64 hex digits>"
+            )
+        return cls(algorithm, hexdigest)
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hexdigest}"
+
+
+class Section(BaseModel):
+    """Base of every params.yaml section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class DataConfig(Section):
+    """``data:`` where the dataset comes from and where it goes."""
+
+    url: str = Field(min_length=1)
+    checksum: Checksum | None
+    dir: Path
+    downloads: Path
+    max_unpacked_mb: float = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0)
+    backoff_s: float = Field(ge=0)
+
+    @field_validator("checksum", mode="before")
+    @classmethod
+    def _parse_checksum(cls, value: Any) -> Checksum | None:
+        if value is None or isinstance(value, Checksum):
+            return value
+        return Checksum.parse(str(value))
+
+
+class DemoConfig(Section):
+    """``demo:`` the offline demo's workspace and generated dataset."""
+
+    workspace: Path
+    num_classes: int = Field(ge=2)
+    train_per_class: int = Field(ge=1)
+    test_per_class: int = Field(ge=1)
+    min_side: int = Field(ge=16)
+    max_side: int = Field(ge=16)
+    seed: int
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> DemoConfig:
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side ({self.max_side}) is below min_side ({self.min_side})")
+        return self
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    data: DataConfig
+    demo: DemoConfig
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate a params file; raise ConfigError naming the file, key and fix."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} not found. Run the command from the project root (where params.yaml is), "
+            "or pass --params PATH."
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}. Fix the syntax and rerun.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of sections (data:, demo:, ...).")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(path, err)) from None
+
+
+def _describe(path: Path, err: ValidationError) -> str:
+    """One line per invalid key: where it is, what is wrong."""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (a typo? remove it or fix its name)")
+        elif problem["type"] == "missing":
+            lines.append(f"  {key}: missing (params.yaml must set it)")
+        else:
+            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return f"{path} has invalid settings; fix these keys and rerun:\n" + "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Datasets: download, verify and extract archives (fetch); later, index the image folders."""

@@ -1,0 +1,93 @@
+"""Progress reporting: a tqdm bar on a terminal, plain log lines everywhere else.
+
+Pipelines run under DVC, Prefect and CI, whose logs are files: a bar redrawn with carriage
+returns turns into noise there, so off a TTY we log a line every ``every`` fraction instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Counts units of work towards an optional total and reports as it goes.
+
+    Use as a context manager; ``update(n)`` after each chunk, ``reset(done)`` when work restarts
+    (a download resumed at an offset, or started over).
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        total: float | None = None,
+        unit: str = "B",
+        every: float = 0.1,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+        self.done = 0.0
+        self._next_report = every
+        stream = stream or sys.stderr
+        self._bar = (
+            tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=stream)
+            if stream.isatty()
+            else None
+        )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self, done: float = 0, total: float | None = None) -> None:
+        """Start counting again from ``done`` (and a new total, if given)."""
+        self.done = done
+        self.total = total if total is not None else self.total
+        if self._bar is not None:
+            self._bar.reset(total=self.total)
+            self._bar.update(done)
+        self._next_report = self.every * (int(self._fraction() / self.every) + 1)
+
+    def update(self, n: float) -> None:
+        """Add ``n`` units of work."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.total and self._fraction() >= self._next_report:
+            log.info("%s: %s", self.desc, self.describe())
+            self._next_report = self.every * (int(self._fraction() / self.every) + 1)
+
+    def describe(self) -> str:
+        """``42% (1.2 MB of 2.9 MB)``, or just the count when the total is unknown."""
+        done = _human(self.done, self.unit)
+        if not self.total:
+            return done
+        return f"{self._fraction():.0%} ({done} of {_human(self.total, self.unit)})"
+
+    def close(self) -> None:
+        """Finish the bar, or log the final count."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        else:
+            log.info("%s: done, %s", self.desc, _human(self.done, self.unit))
+
+    def _fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+def _human(value: float, unit: str) -> str:
+    if unit != "B":
+        return f"{value:g} {unit}"
+    for prefix in ("", "k", "M", "G"):
+        if value < 1000 or prefix == "G":
+            return f"{value:.1f} {prefix}B" if prefix else f"{value:.0f} B"
+        value /= 1000
+    raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""Prefect flows: `pipeline` (the whole chain, the main job); later `retrain` (scheduled)."""

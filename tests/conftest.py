@@ -1,0 +1,176 @@
+"""Shared test fixtures: a real HTTP server on 127.0.0.1, real zip archives of real JPEGs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import socket
+import threading
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Route:
+    """How the test server answers one path.
+
+    ``bodies[i]`` is served to the i-th successful request (the last one repeats);
+    ``fail_first`` requests get HTTP ``fail_status``; ``drop_first`` full responses are cut
+    off half-way; ``ranges`` says whether Range requests are honoured (206) or ignored (200).
+    """
+
+    bodies: list[bytes]
+    content_type: str = "application/zip"
+    fail_first: int = 0
+    fail_status: int = 500
+    drop_first: int = 0
+    ranges: bool = True
+    hits: int = 0
+    served: int = 0
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+    status: int = 0
+
+
+@dataclass
+class TestServer:
+    """A real threaded HTTP server; tests add routes and read back the requests it saw."""
+
+    port: int
+    routes: dict[str, Route] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, path: str, *bodies: bytes, **options) -> str:
+        self.routes[path] = Route(list(bodies), **options)
+        return self.url(path)
+
+    def statuses(self, path: str) -> list[int]:
+        return [request.status for request in self.requests if request.path == path]
+
+
+def _handler(server: TestServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+        def do_GET(self) -> None:
+            request = Request(self.path, dict(self.headers))
+            server.requests.append(request)
+            route = server.routes.get(self.path)
+            if route is None:
+                return self._plain(request, 404, b"not found")
+            route.hits += 1
+            if route.hits <= route.fail_first:
+                return self._plain(request, route.fail_status, b"server error")
+            body = route.bodies[min(route.served, len(route.bodies) - 1)]
+            route.served += 1
+            start = self._range_start(route, len(body))
+            if start is None:
+                return self._plain(request, 416, b"range not satisfiable")
+            request.status = 206 if start else 200
+            self.send_response(request.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(body) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            payload = body[start:]
+            if route.served <= route.drop_first:
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(payload)
+
+        def _range_start(self, route: Route, size: int) -> int | None:
+            match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            if not (route.ranges and match):
+                return 0
+            start = int(match.group(1))
+            return start if start < size else None
+
+        def _plain(self, request: Request, status: int, body: bytes) -> None:
+            request.status = status
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def http_server() -> Iterator[TestServer]:
+    """A real HTTP server on 127.0.0.1 (a free port), stopped after the test."""
+    state = TestServer(port=0)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def jpeg(color: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> bytes:
+    """A real JPEG of one colour."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def make_zip(entries: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]],
+             compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip archive in memory from {name: data} or from (name or ZipInfo, data) pairs."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
+        items = entries.items() if isinstance(entries, dict) else entries
+        for name, data in items:
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def dataset_zip(variant: int = 0, root: str = "hotdog") -> bytes:
+    """A tiny valid dataset archive of the hotdog.zip layout; ``variant`` changes the pixels."""
+    entries = {}
+    for split, count in (("train", 3), ("test", 2)):
+        for label, base in (("hotdog", (200, 60, 40)), ("not-hotdog", (40, 90, 200))):
+            for i in range(count):
+                color = tuple((channel + 7 * i + 50 * variant) % 256 for channel in base)
+                entries[f"{root}/{split}/{label}/{i:04d}.jpg"] = jpeg(color)
+    return make_zip(entries)
+
+
+def sha(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file below ``root`` (empty if it does not exist)."""
+    if not root.exists():
+        return {}
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }

@@ -1,0 +1,85 @@
+"""The fetch stage through real DVC commands in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, dataset_zip, sha, tree_digest
+
+from finetune.workspace import stage_env, sync_workspace, write_params
+
+
+def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=stage_env(),
+                            capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A copy of the repository whose data.url is a local archive, after one `dvc repro fetch`."""
+    root = tmp_path_factory.mktemp("dvc")
+    mirror = root / "hotdog.zip"
+    mirror.write_bytes(dataset_zip())
+    overrides = {"data.url": mirror.as_uri(), "data.checksum": sha(mirror.read_bytes())}
+    workspace = sync_workspace(REPO, root / "ws", overrides, share_cache=False)
+    result = dvc(workspace, "repro", "fetch")
+    assert "Running stage 'fetch'" in result.stdout
+    return workspace
+
+
+def test_repro_fetch_produces_the_dataset_recorded_in_dvc_lock(workspace):
+    assert len(tree_digest(workspace / "data" / "hotdog")) == 10
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    out = lock["stages"]["fetch"]["outs"][0]
+    assert out["path"] == "data/hotdog" and out["md5"].endswith(".dir") and out["nfiles"] == 10
+    assert lock["stages"]["fetch"]["params"]["params.yaml"]["data.url"].startswith("file://")
+    assert (workspace / "data" / ".gitignore").read_text().strip() == "/hotdog"
+
+
+def test_status_is_clean_and_a_second_repro_runs_nothing(workspace):
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
+    before = tree_digest(workspace / "data" / "hotdog")
+    lock = (workspace / "dvc.lock").read_text()
+    result = dvc(workspace, "repro")
+    assert "Running stage" not in result.stdout
+    assert "didn't change, skipping" in result.stdout or "up to date" in result.stdout
+    assert tree_digest(workspace / "data" / "hotdog") == before
+    assert (workspace / "dvc.lock").read_text() == lock
+
+
+def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
+    before = tree_digest(workspace / "data" / "hotdog")
+    lock = (workspace / "dvc.lock").read_text()
+    params = (workspace / "params.yaml").read_text()
+    write_params(workspace / "params.yaml", workspace / "params.yaml", {"data.checksum": sha(b"other")})
+    try:
+        result = dvc(workspace, "repro", "fetch", check=False)
+        assert result.returncode != 0
+        assert "Checksum mismatch" in result.stderr + result.stdout
+        assert tree_digest(workspace / "data" / "hotdog") == before
+        assert (workspace / "dvc.lock").read_text() == lock
+    finally:
+        (workspace / "params.yaml").write_text(params)
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
+
+
+def test_push_and_pull_through_the_default_remote(workspace):
+    before = tree_digest(workspace / "data" / "hotdog")
+    dvc(workspace, "push")
+    assert (workspace / "dvc-storage").is_dir()
+    subprocess.run(["rm", "-rf", "data/hotdog", ".dvc/cache"], cwd=workspace, check=True)
+    dvc(workspace, "pull")  # no cache left: the data must come from the remote
+    assert tree_digest(workspace / "data" / "hotdog") == before
+
+
+def test_the_repo_config_has_analytics_off_and_a_default_remote():
+    config = (REPO / ".dvc" / "config").read_text()
+    assert "analytics = false" in config
+    assert "remote = local" in config and "url = ../dvc-storage" in config
