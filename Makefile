@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test lock clean-demo
+.PHONY: install run demo test ui lock clean-demo
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 	$(PY) -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
 	exit $$status
+
+# The MLflow UI over the local store (mlflow/), on 127.0.0.1 only.
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
 
 # Re-pin constraints.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)

@@ -32,10 +32,10 @@ class Progress:
     ) -> None:
         self.desc, self.total, self.unit, self.every = desc, total, unit, every
         self.done = 0.0
-        self._next_report = every
+        self._reported = 0  # how many ``every`` steps have been logged
         stream = stream or sys.stderr
         self._bar = (
-            tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=stream)
+            tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=stream)
             if stream.isatty()
             else None
         )
@@ -53,16 +53,16 @@ class Progress:
         if self._bar is not None:
             self._bar.reset(total=self.total)
             self._bar.update(done)
-        self._next_report = self.every * (int(self._fraction() / self.every) + 1)
+        self._reported = self._steps()
 
     def update(self, n: float) -> None:
         """Add ``n`` units of work."""
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.total and self._fraction() >= self._next_report:
+        elif self.total and self._steps() > self._reported:
             log.info("%s: %s", self.desc, self.describe())
-            self._next_report = self.every * (int(self._fraction() / self.every) + 1)
+            self._reported = self._steps()
 
     def describe(self) -> str:
         """``42% (1.2 MB of 2.9 MB)``, or just the count when the total is unknown."""
@@ -81,6 +81,10 @@ class Progress:
 
     def _fraction(self) -> float:
         return self.done / self.total if self.total else 0.0
+
+    def _steps(self) -> int:
+        # The epsilon keeps 0.3 / 0.1 from landing at 2.999... steps.
+        return int(self._fraction() / self.every + 1e-9)
 
 
 def _human(value: float, unit: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, dataset_zip, sha, tree_digest
 
+from finetune.config import load_params
 from finetune.workspace import stage_env, sync_workspace, write_params
 
 
@@ -83,3 +84,16 @@ def test_the_repo_config_has_analytics_off_and_a_default_remote():
     config = (REPO / ".dvc" / "config").read_text()
     assert "analytics = false" in config
     assert "remote = local" in config and "url = ../dvc-storage" in config
+
+
+def test_dvc_exp_run_overrides_data_params(tmp_path):
+    """`dvc exp run -S` works for the data keys (here: another archive, unverified)."""
+    mirror = tmp_path / "other.zip"
+    mirror.write_bytes(dataset_zip(variant=5))
+    workspace = sync_workspace(REPO, tmp_path / "ws", {}, share_cache=False)
+    result = dvc(workspace, "exp", "run", "-S", f"data.url={mirror}", "-S", "data.checksum=null")
+    assert "Running stage 'fetch'" in result.stdout
+    assert len(tree_digest(workspace / "data" / "hotdog")) == 10
+    applied = load_params(workspace / "params.yaml").data
+    assert applied.checksum is None and applied.url == str(mirror)
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
