@@ -1,1 +1,7 @@
 """Prefect flows: `pipeline` (the whole chain, the main job); later `retrain` (scheduled)."""
+
+import os
+
+# Prefect gives its local ephemeral server 20 s to start; on a busy 2-core machine (CI) the
+# first start (database migrations) takes longer. A value the user set still wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

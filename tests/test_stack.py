@@ -16,8 +16,9 @@ def test_mlflow_records_a_run_in_a_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.set_experiment("stack-check")
-        with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        # An explicit artifact root: the default is ./mlruns in the working directory.
+        experiment_id = mlflow.create_experiment("stack-check", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id) as run:
             mlflow.log_params({"lr": 0.0064, "strategy": "full"})
             for step, acc in enumerate([0.6, 0.8]):
                 mlflow.log_metric("val_acc", acc, step=step)
@@ -30,6 +31,7 @@ def test_mlflow_records_a_run_in_a_sqlite_store(tmp_path):
     assert stored.data.params == {"lr": "0.0064", "strategy": "full"}
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")] == [0.6, 0.8]
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+    assert list((tmp_path / "artifacts").rglob("note.txt")), "artifact not under the experiment's root"
 
 
 @pytest.mark.parametrize(("max_side", "passes"), [(4000, True), (1000, False)])
