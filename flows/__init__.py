@@ -5,3 +5,6 @@ import os
 # Prefect gives its local ephemeral server 20 s to start; on a busy 2-core machine (CI) the
 # first start (database migrations) takes longer. A value the user set still wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The local server would otherwise try to send usage telemetry, an error line on every
+# air-gapped run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
