@@ -26,6 +26,23 @@ def cmd_fetch(params: Params, args: argparse.Namespace) -> None:
     print(f"{result.dataset}: {result.files} files from {result.archive} (sha256:{result.sha256})")
 
 
+def cmd_validate(params: Params, args: argparse.Namespace) -> None:
+    """Index data.dir and check it with the Great Expectations suite (settings ``validate:``)."""
+    from finetune.validate import ValidationFailed, failure_message, validate_dataset
+
+    cfg = params.validate_
+    verdict = validate_dataset(cfg, params.data.dir)
+    report = verdict.report
+    for check in verdict.checks:
+        if not check.success and check.severity != "critical":
+            log.warning("warning only: %s — %s: %s", check.check, check.description, check.offending[:5])
+    if not verdict.passed:
+        raise ValidationFailed(failure_message(verdict, cfg))
+    print(f"validation passed: {report['used']} of {report['files']} files "
+          f"({report['quarantined']} quarantined) -> {cfg.files}; report {cfg.report}; "
+          f"Data Docs {verdict.docs}")
+
+
 def cmd_sample(params: Params, args: argparse.Namespace) -> None:
     """Write a generated archive of the hotdog.zip layout (settings from ``demo:``)."""
     from finetune.sample import class_names, write_sample_archive
@@ -67,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, help="random seed (default: demo.seed)")
     sample.add_argument("--root", help="top folder in the archive (default: hotdog, or chairs)")
     sample.set_defaults(func=cmd_sample)
+    sub.add_parser("validate", help=cmd_validate.__doc__).set_defaults(func=cmd_validate)
     sub.add_parser("demo-setup", help=cmd_demo_setup.__doc__).set_defaults(func=cmd_demo_setup)
     return parser
 
@@ -74,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # chatty at INFO
     args = build_parser().parse_args(argv)
     func: Callable[[Params, argparse.Namespace], None] = args.func
     try:

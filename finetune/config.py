@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -89,10 +89,47 @@ class DemoConfig(Section):
         return self
 
 
+class ExpectedCounts(Section):
+    """Images per class that a split is expected to hold exactly (a warning-level check)."""
+
+    train: int = Field(ge=1)
+    test: int = Field(ge=1)
+
+
+class ValidateConfig(Section):
+    """``validate:`` the checks the dataset must pass before anything trains on it."""
+
+    index: Path
+    files: Path
+    report: Path
+    docs: Path
+    gx_dir: Path
+    on_failure: Literal["stop", "quarantine"]
+    min_classes: int = Field(ge=2)
+    min_images_per_class: int = Field(ge=1)
+    expected_per_class: ExpectedCounts | None
+    min_side: int = Field(ge=1)
+    max_aspect_ratio: float = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    max_class_ratio: float = Field(ge=1)
+    extensions: tuple[str, ...] = Field(min_length=1)
+    workers: int = Field(ge=0)
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [ext for ext in value if not re.fullmatch(r"\.[a-z0-9]+", ext)]
+        if bad:
+            raise ValueError(f"extensions must look like .jpg (a dot, lower case); fix {bad}")
+        return value
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
     data: DataConfig
+    # ``validate:`` in the file; the attribute has a trailing _ because BaseModel has validate().
+    validate_: ValidateConfig = Field(alias="validate")
     demo: DemoConfig
 
 

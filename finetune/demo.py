@@ -32,5 +32,12 @@ def setup_demo(params: Params, project: Path) -> Path:
         max_side=demo.max_side,
     )
     log.info("demo archive %s: %s", summary.path, summary.counts)
-    overrides = {"data.url": summary.path.as_uri(), "data.checksum": f"sha256:{summary.sha256}"}
+    # The generated counts are exact, and may be smaller than a real dataset's minimum.
+    smallest = min(demo.train_per_class, demo.test_per_class)
+    overrides = {
+        "data.url": summary.path.as_uri(),
+        "data.checksum": f"sha256:{summary.sha256}",
+        "validate.expected_per_class": {"train": demo.train_per_class, "test": demo.test_per_class},
+        "validate.min_images_per_class": min(params.validate_.min_images_per_class, smallest),
+    }
     return sync_workspace(project, workspace, overrides, share_cache=True)

@@ -6,6 +6,7 @@ import hashlib
 import io
 import re
 import socket
+import subprocess
 import sys
 import threading
 import zipfile
@@ -161,12 +162,16 @@ def make_zip(entries: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes
 def dataset_zip(variant: int = 0, root: str = "hotdog") -> bytes:
     """A tiny valid dataset archive of the hotdog.zip layout; ``variant`` changes the pixels."""
     entries = {}
-    for split, count in (("train", 3), ("test", 2)):
+    for split, count, shift in (("train", 3, 0), ("test", 2, 21)):  # no test image equals a train one
         for label, base in (("hotdog", (200, 60, 40)), ("not-hotdog", (40, 90, 200))):
             for i in range(count):
-                color = tuple((channel + 7 * i + 50 * variant) % 256 for channel in base)
+                color = tuple((channel + 7 * i + shift + 50 * variant) % 256 for channel in base)
                 entries[f"{root}/{split}/{label}/{i:04d}.jpg"] = jpeg(color)
     return make_zip(entries)
+
+
+# validate: settings under which dataset_zip()'s few tiny images pass.
+TINY_DATA = {"validate.min_side": 8, "validate.min_images_per_class": 2, "validate.expected_per_class": None}
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:
@@ -182,3 +187,14 @@ def tree_digest(root: Path) -> dict[str, str]:
         for path in sorted(root.rglob("*"))
         if path.is_file()
     }
+
+
+def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a real ``dvc`` command in ``workspace``; with ``check``, it must succeed."""
+    from finetune.workspace import stage_env
+
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=stage_env(),
+                            capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result

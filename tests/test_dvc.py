@@ -3,35 +3,26 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, dataset_zip, sha, tree_digest
+from conftest import REPO, TINY_DATA, dataset_zip, dvc, sha, tree_digest
 
 from finetune.config import load_params
-from finetune.workspace import stage_env, sync_workspace, write_params
-
-
-def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=stage_env(),
-                            capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+from finetune.workspace import sync_workspace, write_params
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A copy of the repository whose data.url is a local archive, after one `dvc repro fetch`."""
+    """A copy of the repository whose data.url is a local archive, after one `dvc repro`."""
     root = tmp_path_factory.mktemp("dvc")
     mirror = root / "hotdog.zip"
     mirror.write_bytes(dataset_zip())
-    overrides = {"data.url": mirror.as_uri(), "data.checksum": sha(mirror.read_bytes())}
+    overrides = {"data.url": mirror.as_uri(), "data.checksum": sha(mirror.read_bytes()), **TINY_DATA}
     workspace = sync_workspace(REPO, root / "ws", overrides, share_cache=False)
-    result = dvc(workspace, "repro", "fetch")
-    assert "Running stage 'fetch'" in result.stdout
+    result = dvc(workspace, "repro")
+    assert "Running stage 'fetch'" in result.stdout and "Running stage 'validate'" in result.stdout
     return workspace
 
 
@@ -90,7 +81,7 @@ def test_dvc_exp_run_overrides_data_params(tmp_path):
     """`dvc exp run -S` works for the data keys (here: another archive, unverified)."""
     mirror = tmp_path / "other.zip"
     mirror.write_bytes(dataset_zip(variant=5))
-    workspace = sync_workspace(REPO, tmp_path / "ws", {}, share_cache=False)
+    workspace = sync_workspace(REPO, tmp_path / "ws", TINY_DATA, share_cache=False)
     result = dvc(workspace, "exp", "run", "-S", f"data.url={mirror}", "-S", "data.checksum=null")
     assert "Running stage 'fetch'" in result.stdout
     assert len(tree_digest(workspace / "data" / "hotdog")) == 10

@@ -45,6 +45,7 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     first = run([python, "-m", "flows.pipeline", "--workspace", "demo"], project, prefect_env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'fetch'" in first.stdout + first.stderr
+    assert "validation passed: 18 of 18 files" in first.stdout + first.stderr
     files = tree_digest(demo / "data" / "hotdog")
     assert sum(name.startswith("train/hotdog/") for name in files) == 6
     assert sum(name.startswith("test/not-hotdog/") for name in files) == 3
@@ -83,6 +84,6 @@ def test_stage_order_follows_the_dag(tmp_path):
     workspace = sync_workspace(REPO, tmp_path / "ws", {}, share_cache=False)
     pipeline = (workspace / "dvc.yaml").read_text()
     # Written before the stage it depends on: the order must come from the graph, not the file.
-    extra = "  count:\n    cmd: ls data/hotdog > count.txt\n    deps: [data/hotdog]\n    outs: [count.txt]\n"
+    extra = "  count:\n    cmd: wc -l data/validate/files.csv > count.txt\n    deps: [data/validate/files.csv]\n    outs: [count.txt]\n"
     (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
-    assert stage_order(workspace) == ["fetch", "count"]
+    assert stage_order(workspace) == ["fetch", "validate", "count"]
