@@ -20,13 +20,9 @@ colour alone does not give the class away. The same arguments give byte-identica
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import hashlib
 import io
 import math
 import operator
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from finetune.data.archive import file_digest
+from finetune.files import write_atomic
 
 SPLITS = ("train", "test")
 # A fixed timestamp so that the archive bytes depend only on the arguments (1980 is zip's epoch).
@@ -98,20 +97,13 @@ def write_sample_archive(
     )
     counts = {"train": train_per_class, "test": test_per_class}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary sibling replaced in one step: readers never see a half-written archive.
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             _write_zip(f, classes, counts, seed, root, (min_side, max_side), quality)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the demo archive from other users
-        digest = _sha256(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+
+    write_atomic(out, write)  # readers never see a half-written archive
+    digest = file_digest(out, "sha256")
     summary_counts = {split: {name: n for name in classes} for split, n in counts.items()}
     return SampleSummary(path=out, sha256=digest, counts=summary_counts)
 
@@ -212,14 +204,6 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- images ------------------------------------------------------------------------------

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from finetune.checks import FILE_CHECKS, CheckResult, build_docs, run_suites, ta
 from finetune.config import ValidateConfig
 from finetune.data.index import build_index, list_dataset
 from finetune.errors import FinetuneError
+from finetune.files import write_atomic
 
 log = logging.getLogger(__name__)
 SHOWN_FILES = 20  # offending files named per failed check in the error message
@@ -53,7 +51,7 @@ def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".
     index = build_index(workdir / dataset, listing, max_pixels=cfg.max_pixels, workers=cfg.workers)
     index_seconds = time.perf_counter() - started
     log.info("indexed %d files under %s in %.1f s", len(index), dataset, index_seconds)
-    _write_atomic(workdir / cfg.index, lambda tmp: index.to_parquet(tmp, index=False))
+    write_atomic(workdir / cfg.index, lambda tmp: index.to_parquet(tmp, index=False))
 
     run_name = time.strftime("%Y%m%dT%H%M%S")
     checks = run_suites(cfg, tables(index, listing.classes), workdir, run_name)
@@ -69,10 +67,10 @@ def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".
     docs = build_docs(cfg, workdir)
     report = _report(cfg, index, used, checks, first_failed, quarantined, listing.ignored,
                      index_seconds, passed)
-    _write_atomic(workdir / cfg.report, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    write_atomic(workdir / cfg.report, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     if passed:
         files = used.loc[:, ["path", "split", "class"]]
-        _write_atomic(workdir / cfg.files, lambda tmp: files.to_csv(tmp, index=False))
+        write_atomic(workdir / cfg.files, lambda tmp: files.to_csv(tmp, index=False))
     failing = index.dropna(subset=["error"])
     errors = dict(zip(failing["path"], failing["error"], strict=True))
     return Verdict(passed, checks, quarantined, errors, report, docs)
@@ -101,9 +99,10 @@ def failure_message(verdict: Verdict, cfg: ValidateConfig) -> str:
              + ":"]
     for check in failed:
         lines.append(f"- {check.check}: {check.description} — {len(check.offending)} offending:")
+        kind = "class " if check.table == "classes" else ""
         for name in check.offending[:SHOWN_FILES]:
             error = verdict.errors.get(name)
-            lines.append(f"    {name}" + (f"  ({error})" if error else ""))
+            lines.append(f"    {kind}{name}" + (f"  ({error})" if error else ""))
         if len(check.offending) > SHOWN_FILES:
             lines.append(f"    ... and {len(check.offending) - SHOWN_FILES} more (see {cfg.report})")
     lines.append(
@@ -143,17 +142,3 @@ def _report(cfg, index, used, checks, first_failed, quarantined, ignored, second
         "quarantined_files": quarantined,
         "ignored_entries": ignored,
     }
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary sibling and rename it over ``path``: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
