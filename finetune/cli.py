@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from finetune.config import PARAMS_FILE, Params, load_params
-from finetune.errors import FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
 
@@ -41,6 +41,25 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> None:
     print(f"validation passed: {report['used']} of {report['files']} files "
           f"({report['quarantined']} quarantined) -> {cfg.files}; report {cfg.report}; "
           f"Data Docs {verdict.docs}")
+
+
+def cmd_pretrain(params: Params, args: argparse.Namespace) -> None:
+    """Train the source model on pretrain.data (a no-op note when it is null)."""
+    from finetune.pretrain import pretrain
+
+    path = pretrain(params, args.out)
+    print(f"source model: {path}" if path else f"no pretraining (pretrain.data is null): {args.out}")
+
+
+def cmd_train(params: Params, args: argparse.Namespace) -> None:
+    """Train one variant of train: (e.g. finetune, scratch) on the validated files."""
+    from finetune.train_stage import Paths, train_variant
+
+    if args.variant not in params.train:
+        raise ConfigError(f"no variant {args.variant!r} under train: in params.yaml; have {sorted(params.train)}")
+    result = train_variant(params, args.variant, Paths(args.out, args.metrics, args.plots))
+    print(f"{result.variant}: test accuracy {result.test_acc:.4f} -> {result.model_path} "
+          f"(MLflow run {result.run_id})")
 
 
 def cmd_sample(params: Params, args: argparse.Namespace) -> None:
@@ -85,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--root", help="top folder in the archive (default: hotdog, or chairs)")
     sample.set_defaults(func=cmd_sample)
     sub.add_parser("validate", help=cmd_validate.__doc__).set_defaults(func=cmd_validate)
+    pre = sub.add_parser("pretrain", help=cmd_pretrain.__doc__)
+    pre.add_argument("--out", type=Path, required=True, help="folder for the source model")
+    pre.set_defaults(func=cmd_pretrain)
+    train = sub.add_parser("train", help=cmd_train.__doc__)
+    train.add_argument("variant", help="a key under train: in params.yaml")
+    train.add_argument("--out", type=Path, required=True, help="folder for model.pt and checkpoints")
+    train.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    train.add_argument("--plots", type=Path, required=True, help="per-epoch CSV to write")
+    train.set_defaults(func=cmd_train)
     sub.add_parser("demo-setup", help=cmd_demo_setup.__doc__).set_defaults(func=cmd_demo_setup)
     return parser
 

@@ -81,6 +81,10 @@ class DemoConfig(Section):
     min_side: int = Field(ge=16)
     max_side: int = Field(ge=16)
     seed: int
+    source_classes: int = Field(ge=2)  # the generated source dataset of the pretrain stage
+    source_train_per_class: int = Field(ge=1)
+    source_test_per_class: int = Field(ge=1)
+    overrides: dict[str, Any]  # dotted params keys set in the demo workspace (CPU-sized training)
 
     @model_validator(mode="after")
     def _sides_ordered(self) -> DemoConfig:
@@ -124,12 +128,74 @@ class ValidateConfig(Section):
         return value
 
 
+class ModelConfig(Section):
+    """``model:`` the network, where its starting weights come from, and its preprocessing."""
+
+    arch: str
+    weights: str = Field(min_length=1)  # imagenet | none | path to a state_dict file
+    train_crop: int = Field(ge=16)
+    test_resize: int = Field(ge=16)
+    test_crop: int = Field(ge=16)
+    resize_mode: Literal["squash", "aspect"]
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> ModelConfig:
+        if self.test_crop > self.test_resize:
+            raise ValueError(f"test_crop ({self.test_crop}) is larger than test_resize ({self.test_resize})")
+        return self
+
+
+class TrainConfig(Section):
+    """``train.<variant>:`` how one variant trains (fine-tune, scratch, ...)."""
+
+    init: Literal["pretrained", "scratch"]
+    strategy: Literal["full", "freeze", "gradual"]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    loss: Literal["mean", "sum"]
+    lr: float = Field(gt=0)
+    head_lr_mult: float | None = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    momentum: float = Field(ge=0, lt=1)
+    schedule: Literal["none", "cosine", "step"]
+    step_epochs: int = Field(ge=1)
+    step_gamma: float = Field(gt=0, le=1)
+    unfreeze: dict[int, str]  # gradual: epoch (1-based) -> block unfrozen at its start
+    unfreeze_lr_mult: float = Field(gt=0)
+    device: str
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    channels_last: bool
+    seed: int
+    deterministic: bool
+    workers: int | Literal["auto"]
+    max_steps: int | None = Field(ge=1)  # per epoch; for smoke tests, null = the whole epoch
+
+    @model_validator(mode="after")
+    def _gradual_plan(self) -> TrainConfig:
+        blocks = ("layer4", "layer3", "layer2", "layer1", "stem")
+        bad = {e: b for e, b in self.unfreeze.items() if b not in blocks or not 1 < e <= self.epochs}
+        if bad:
+            raise ValueError(f"unfreeze entries {bad}: use epoch 2..{self.epochs} -> one of {blocks}")
+        return self
+
+
+class PretrainConfig(Section):
+    """``pretrain:`` the optional source model (step 1 of the recipe) for users without ImageNet
+    weights: a dataset of the same layout (``data``, fetched like data:) and how to train on it."""
+
+    data: DataConfig | None
+    train: TrainConfig
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
     data: DataConfig
     # ``validate:`` in the file; the attribute has a trailing _ because BaseModel has validate().
     validate_: ValidateConfig = Field(alias="validate")
+    model: ModelConfig
+    pretrain: PretrainConfig
+    train: dict[str, TrainConfig] = Field(min_length=1)
     demo: DemoConfig
 
 

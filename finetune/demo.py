@@ -32,6 +32,17 @@ def setup_demo(params: Params, project: Path) -> Path:
         max_side=demo.max_side,
     )
     log.info("demo archive %s: %s", summary.path, summary.counts)
+    source = write_sample_archive(
+        workspace / "mirror" / "source.zip",
+        classes=class_names(max(3, demo.source_classes)),
+        train_per_class=demo.source_train_per_class,
+        test_per_class=demo.source_test_per_class,
+        seed=demo.seed + 1,
+        root="source",
+        min_side=demo.min_side,
+        max_side=demo.max_side,
+    )
+    log.info("demo source archive %s: %d classes", source.path, len(source.counts["train"]))
     # The generated counts are exact, and may be smaller than a real dataset's minimum.
     smallest = min(demo.train_per_class, demo.test_per_class)
     overrides = {
@@ -39,5 +50,10 @@ def setup_demo(params: Params, project: Path) -> Path:
         "data.checksum": f"sha256:{summary.sha256}",
         "validate.expected_per_class": {"train": demo.train_per_class, "test": demo.test_per_class},
         "validate.min_images_per_class": min(params.validate_.min_images_per_class, smallest),
+        # Step 1 offline: pretrain on the generated source dataset, fine-tune from its result.
+        "pretrain.data": params.data.model_dump(mode="json") | {
+            "url": source.path.as_uri(), "checksum": f"sha256:{source.sha256}", "dir": "data/source"},
+        "model.weights": "models/source/model.pt",
+        **demo.overrides,
     }
     return sync_workspace(project, workspace, overrides, share_cache=True)

@@ -42,6 +42,12 @@ def stage_order(workspace: Path) -> list[str]:
         return [stage.name for stage in stages if getattr(stage, "name", None)]
 
 
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
 def run_stage(stage: str, workspace: Path) -> StageRun:
     """`dvc repro --single-item <stage>` in ``workspace``; DVC itself skips an unchanged stage."""
@@ -49,7 +55,9 @@ def run_stage(stage: str, workspace: Path) -> StageRun:
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     started = time.monotonic()
     skipped = False
-    with subprocess.Popen(command, cwd=workspace, env=stage_env(), stdout=subprocess.PIPE,
+    # One MLflow parent run per flow run: the training stages nest their runs under it.
+    env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id()}
+    with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:

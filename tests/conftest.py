@@ -170,8 +170,12 @@ def dataset_zip(variant: int = 0, root: str = "hotdog") -> bytes:
     return make_zip(entries)
 
 
-# validate: settings under which dataset_zip()'s few tiny images pass.
-TINY_DATA = {"validate.min_side": 8, "validate.min_images_per_class": 2, "validate.expected_per_class": None}
+# Settings under which dataset_zip()'s few tiny images pass validation and train in seconds.
+TINY_TRAIN = {"model.weights": "none", "model.train_crop": 16, "model.test_resize": 16, "model.test_crop": 16,
+              **{f"train.{variant}.{key}": value for variant in ("finetune", "scratch")
+                 for key, value in (("epochs", 1), ("batch_size", 4), ("max_steps", 1), ("workers", 0))}}
+TINY_DATA = {"validate.min_side": 8, "validate.min_images_per_class": 2, "validate.expected_per_class": None,
+             **TINY_TRAIN}
 
 
 def sha(data: bytes, algorithm: str = "sha256") -> str:

@@ -31,7 +31,11 @@ def prefect_env(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
-    small = {"demo.train_per_class": 6, "demo.test_per_class": 3}
+    quick = {"model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
+             **{f"{stage}.{key}": value for stage in ("pretrain.train", "train.finetune", "train.scratch")
+                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0))}}
+    small = {"demo.train_per_class": 6, "demo.test_per_class": 3, "demo.source_classes": 3,
+             "demo.source_train_per_class": 4, "demo.source_test_per_class": 2, "demo.overrides": quick}
     project = sync_workspace(REPO, tmp_path / "project", small, share_cache=False)
     params_before = (project / "params.yaml").read_text()
     python = sys.executable
@@ -46,6 +50,9 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'fetch'" in first.stdout + first.stderr
     assert "validation passed: 18 of 18 files" in first.stdout + first.stderr
+    for stage in ("pretrain", "train@finetune", "train@scratch"):
+        assert f"Running stage '{stage}'" in first.stdout + first.stderr
+    assert (demo / "models" / "finetune" / "model.pt").exists() and (demo / "models" / "source" / "model.pt").exists()
     files = tree_digest(demo / "data" / "hotdog")
     assert sum(name.startswith("train/hotdog/") for name in files) == 6
     assert sum(name.startswith("test/not-hotdog/") for name in files) == 3
@@ -86,4 +93,9 @@ def test_stage_order_follows_the_dag(tmp_path):
     # Written before the stage it depends on: the order must come from the graph, not the file.
     extra = "  count:\n    cmd: wc -l data/validate/files.csv > count.txt\n    deps: [data/validate/files.csv]\n    outs: [count.txt]\n"
     (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
-    assert stage_order(workspace) == ["fetch", "validate", "count"]
+    order = stage_order(workspace)
+    assert sorted(order) == ["count", "fetch", "pretrain", "train@finetune", "train@scratch", "validate"]
+    before = {"validate": ["fetch"], "count": ["validate"], "train@finetune": ["validate", "pretrain"],
+              "train@scratch": ["validate", "pretrain"]}
+    for stage, upstream in before.items():
+        assert all(order.index(u) < order.index(stage) for u in upstream), order

@@ -228,15 +228,11 @@ def test_dvc_repro_halts_at_validate_and_training_keeps_its_output(tmp_path):
     good.write_bytes(dataset_zip())
     workspace = sync_workspace(REPO, tmp_path / "ws", {"data.url": good.as_uri(),
                                "data.checksum": sha(good.read_bytes()), **TINY_DATA}, share_cache=False)
-    # A stand-in for the training stage (a later issue): it reads the validated file list.
-    stage = ("  train:\n    cmd: python -c \"import shutil; shutil.copy('data/validate/files.csv', 'model.txt')\"\n"
-             "    deps: [data/validate/files.csv]\n    outs: [model.txt]\n")
-    (workspace / "dvc.yaml").write_text((workspace / "dvc.yaml").read_text() + stage)
     first = dvc(workspace, "repro")
-    assert "Running stage 'validate'" in first.stdout and "Running stage 'train'" in first.stdout
-    model = (workspace / "model.txt").read_bytes()
+    assert "Running stage 'validate'" in first.stdout and "Running stage 'train@finetune'" in first.stdout
+    model = (workspace / "models/finetune/model.pt").read_bytes()
     files = (workspace / "data/validate/files.csv").read_bytes()
-    trained = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]["train"]
+    trained = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]["train@finetune"]
 
     bad = tmp_path / "bad.zip"  # the same data plus a corrupt JPEG
     with zipfile.ZipFile(io.BytesIO(dataset_zip())) as zf:
@@ -247,8 +243,8 @@ def test_dvc_repro_halts_at_validate_and_training_keeps_its_output(tmp_path):
     second = dvc(workspace, "repro", check=False)
     output = second.stdout + second.stderr
     assert second.returncode != 0 and "validation failed" in output
-    assert "train/hotdog/broken.jpg" in output and "Running stage 'train'" not in output
-    assert (workspace / "model.txt").read_bytes() == model
+    assert "train/hotdog/broken.jpg" in output and "Running stage 'train@" not in output
+    assert (workspace / "models/finetune/model.pt").read_bytes() == model
     assert (workspace / "data/validate/files.csv").read_bytes() == files
-    assert yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]["train"] == trained
+    assert yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]["train@finetune"] == trained
     assert "validate" in dvc(workspace, "status", "--json").stdout  # still to do, not faked done
