@@ -82,11 +82,27 @@ def suites(cfg: ValidateConfig) -> dict[str, list]:
     """The expectations of each table, thresholds from ``cfg``; ``meta.check`` names each one."""
     import great_expectations.expectations as gxe
 
-    def expect(kind, check: str, description: str, **kwargs):
-        return kind(description=description, meta={"check": check}, **kwargs)
+    splits = [
+        _expect(gxe.ExpectColumnDistinctValuesToContainSet, "splits",
+                "both split folders, train/ and test/, exist", column="split", value_set=list(SPLITS)),
+        _expect(gxe.ExpectColumnValuesToBeBetween, "split_has_classes",
+                "every split folder holds class folders", column="classes", min_value=1),
+    ]
+    return {"images": _image_suite(cfg), "classes": _class_suite(cfg), "splits": splits}
 
+
+def _expect(kind, check: str, description: str, **kwargs):
+    """An expectation of type ``kind`` named ``check`` (in its meta) with a readable description."""
+    return kind(description=description, meta={"check": check}, **kwargs)
+
+
+def _image_suite(cfg: ValidateConfig) -> list:
+    """Per-file expectations on the ``images`` table."""
+    import great_expectations.expectations as gxe
+
+    expect = _expect
     extensions = list(cfg.extensions)
-    images = [
+    return [
         expect(gxe.ExpectColumnValuesToNotBeNull, "in_class_folder",
                "every file lies in a class folder <split>/<class>/", column="class"),
         expect(gxe.ExpectColumnValuesToBeInSet, "decodes",
@@ -109,6 +125,13 @@ def suites(cfg: ValidateConfig) -> dict[str, list]:
         expect(gxe.ExpectColumnValuesToBeInSet, "duplicates", "no identical files inside a split",
                column="duplicate_in_split", value_set=[False], severity="warning"),
     ]
+
+
+def _class_suite(cfg: ValidateConfig) -> list:
+    """Per-class expectations on the ``classes`` table (counts per split, balance)."""
+    import great_expectations.expectations as gxe
+
+    expect = _expect
     classes = [expect(gxe.ExpectTableRowCountToBeBetween, "class_count",
                       f"at least {cfg.min_classes} classes (validate.min_classes)",
                       min_value=cfg.min_classes)]
@@ -129,13 +152,7 @@ def suites(cfg: ValidateConfig) -> dict[str, list]:
             classes.append(expect(gxe.ExpectColumnValuesToBeBetween, f"{split}_expected_count",
                                   f"exactly {expected} {split} images per class (validate.expected_per_class)",
                                   column=split, min_value=expected, max_value=expected, severity="warning"))
-    splits = [
-        expect(gxe.ExpectColumnDistinctValuesToContainSet, "splits",
-               "both split folders, train/ and test/, exist", column="split", value_set=list(SPLITS)),
-        expect(gxe.ExpectColumnValuesToBeBetween, "split_has_classes",
-               "every split folder holds class folders", column="classes", min_value=1),
-    ]
-    return {"images": images, "classes": classes, "splits": splits}
+    return classes
 
 
 def run_suites(cfg: ValidateConfig, tables_: dict[str, pd.DataFrame], workdir: Path, run_name: str) -> list[CheckResult]:

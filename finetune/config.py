@@ -81,7 +81,7 @@ class DemoConfig(Section):
     min_side: int = Field(ge=16)
     max_side: int = Field(ge=16)
     seed: int
-    source_classes: int = Field(ge=2)  # the generated source dataset of the pretrain stage
+    source_classes: int = Field(ge=3)  # the generated source dataset (2 would be hot dogs again)
     source_train_per_class: int = Field(ge=1)
     source_test_per_class: int = Field(ge=1)
     overrides: dict[str, Any]  # dotted params keys set in the demo workspace (CPU-sized training)

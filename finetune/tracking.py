@@ -45,7 +45,9 @@ def experiment_id(name: str, project: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):  # a server chooses its own artifact store
+    # A database file here keeps its artifacts beside it; a tracking server has its own store.
+    # (Not a test of MLFLOW_TRACKING_URI: mlflow.set_tracking_uri sets that variable itself.)
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (project / "mlflow" / "artifacts" / name).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from finetune.config import TrainConfig
 from finetune.files import write_atomic
-from finetune.model import BLOCKS, freeze, param_groups, train_mode, unfreeze
+from finetune.model import BLOCKS, block_modules, freeze, param_groups, train_mode, unfreeze
 from finetune.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,10 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
 
 def _cpu_has_bf16() -> bool:
     try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, and bf16 emulation is very slow
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -147,8 +148,6 @@ def unfreeze_for_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: 
 
 
 def _block_params(model: nn.Module, block: str) -> list[nn.Parameter]:
-    from finetune.model import block_modules
-
     return [p for module in block_modules(model, block) for p in module.parameters()]
 
 

@@ -137,6 +137,7 @@ def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monk
     assert {m.key for m in client.get_metric_history(result.run_id, "lr_head")} == {"lr_head"}
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"curves.png", "predictions.png", "config.json", "params.yaml", "finetune.json"} <= artifacts
+    assert list(Path("mlflow/artifacts").rglob("predictions.png")) and not Path("mlruns").exists()
     import mlflow.pytorch
 
     (logged,) = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == result.run_id]
