@@ -10,20 +10,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 
 from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger(__name__)
 
-# name -> (builder, the ImageNet weights the recipe uses)
-ARCHS: dict[str, tuple[Callable[..., nn.Module], object]] = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+# name -> torchvision builder (timm style: one factory, the architecture chosen by name)
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+}
+# The ImageNet weights each uses: IMAGENET1K_V1 for resnet18 as in the D2L book, else the default.
+IMAGENET: dict[str, WeightsEnum] = {
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": torchvision.models.get_model_weights("resnet34").DEFAULT,
+    "resnet50": torchvision.models.get_model_weights("resnet50").DEFAULT,
 }
 # The blocks of a ResNet from the top: gradual unfreezing walks down this list.
 BLOCKS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
@@ -37,10 +45,11 @@ def build_model(arch: str, weights: str, num_classes: int) -> nn.Module:
     """``arch`` with ``weights`` (imagenet | none | path to a state_dict) and a new
     ``num_classes``-way output layer."""
     if arch not in ARCHS:
-        raise ConfigError(f"model.arch {arch!r} is not known; use one of {sorted(ARCHS)}.")
-    builder, imagenet = ARCHS[arch]
+        raise ConfigError(f"model.arch {arch!r} in params.yaml is not known; use one of {sorted(ARCHS)} "
+                          "(or add a torchvision builder to ARCHS in finetune/model.py).")
+    builder = ARCHS[arch]
     if weights == "imagenet":
-        model = _imagenet(builder, imagenet)
+        model = _imagenet(builder, IMAGENET[arch])
     else:
         model = builder(weights=None)
         if weights != "none":
@@ -57,17 +66,18 @@ def new_head(in_features: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def _imagenet(builder, weights) -> nn.Module:
+def _imagenet(builder: Callable[..., nn.Module], weights: WeightsEnum) -> nn.Module:
     """Through torchvision's own code: downloaded once into the torch hub cache, then offline."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    # Where torch.hub.load_state_dict_from_url looks before downloading (the URL's file name).
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
         return builder(weights=weights)
     except Exception as err:  # no network, proxy, a bad cache file: all end here
         raise WeightsError(
             f"Could not get the ImageNet weights from {weights.url} ({type(err).__name__}: {err}). "
             f"Download that file on a machine with network access and place it at {cached} (the "
-            "torch hub cache; TORCH_HOME moves it), or set model.weights in params.yaml to a local "
-            "state_dict file (torch.save(model.state_dict(), path))."
+            "torch hub cache, replacing any broken file there; TORCH_HOME moves it), or set "
+            "model.weights in params.yaml to a local state_dict file (torch.save(model.state_dict(), path))."
         ) from None
 
 
@@ -85,13 +95,21 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors).")
+        raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors, or a checkpoint "
+                           "with one under 'model'). Save one with torch.save(model.state_dict(), path).")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        reason = " ".join(str(err).split())  # torch's message spans lines; the error is one paragraph
+        raise WeightsError(f"{path} does not fit this model.arch ({reason}). Use weights saved from the "
+                           "same architecture, or fix model.arch / model.weights in params.yaml.") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise WeightsError(f"{path} does not fit this model.arch: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}. Use weights saved from the same architecture.")
+        raise WeightsError(
+            f"{path} does not fit this model.arch: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}. Use weights saved from the same "
+            "architecture, or fix model.arch / model.weights in params.yaml.")
     log.info("loaded %d tensors from %s (output layer left new)", len(state), path)
 
 
@@ -135,12 +153,21 @@ def _set_trainable(model: nn.Module, names: Iterable[str], trainable: bool) -> N
                 param.requires_grad_(trainable)
 
 
-def train_mode(model: nn.Module) -> None:
-    """``model.train()``, but BatchNorm layers whose parameters are frozen stay in inference
-    mode: as the Keras transfer-learning guide warns, their running statistics must not move."""
-    model.train()
+def frozen_batchnorm_eval(model: nn.Module) -> None:
+    """Put every BatchNorm layer whose parameters are all frozen into inference mode.
+
+    Call after ``model.train()``: as the Keras transfer-learning guide warns, a frozen BatchNorm
+    must keep normalising with its stored statistics and must not update them. A BatchNorm
+    without parameters (``affine=False``) is left as it is: nothing says it is frozen.
+    """
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             params = list(module.parameters())
             if params and not any(p.requires_grad for p in params):
                 module.eval()
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, with the frozen BatchNorm layers kept in inference mode."""
+    model.train()
+    frozen_batchnorm_eval(model)

@@ -44,13 +44,23 @@ def load_image(path: Path) -> Image.Image:
     """An RGB image as a viewer shows it: EXIF rotation applied, any mode converted."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit: Pillow's convert("RGB") would clip to white; scale to 8 bits instead.
-            array = np.asarray(image, dtype=np.uint32)
-            image = Image.fromarray((array >> 8 if array.max() > 255 else array).astype(np.uint8), "L")
+        if image.mode.startswith("I"):
+            image = _sixteen_to_eight_bits(image)
         elif image.mode in ("P", "PA") and "transparency" in image.info:
             image = image.convert("RGBA")  # as Pillow advises for palettes with transparency
         return image.convert("RGB")
+
+
+def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
+    """A grey 8-bit image from a 16-bit one (I;16*, or I as some Pillow versions read such PNGs).
+
+    Pillow's own convert clips every value above 255 to white; keeping the top 8 bits scales
+    0..65535 to 0..255. An ``I`` image whose values all fit in 8 bits is taken as it is.
+    """
+    array = np.asarray(image).astype(np.int64)
+    if image.mode.startswith("I;16") or array.max() > 255:
+        array = np.clip(array, 0, 65535) >> 8
+    return Image.fromarray(array.astype(np.uint8), "L")
 
 
 class FileListDataset(torch.utils.data.Dataset):
@@ -73,6 +83,10 @@ def load_splits(root: Path, files_csv: Path, train_tf, test_tf) -> tuple[FileLis
         raise FinetuneError(f"{files_csv} (validate.files) does not exist: run the validate stage first "
                             "(`dvc repro validate`); it writes the list only when the data passes.")
     files = pd.read_csv(files_csv)
+    absent = sorted({"path", "split", "class"} - set(files.columns))
+    if absent:
+        raise FinetuneError(f"{files_csv} has no column(s) {absent}: it is not the validate stage's file "
+                            "list. Run `dvc repro validate` to write it again.")
     classes = sorted(files.loc[files["split"] == "train", "class"].unique())
     unknown = sorted(set(files.loc[files["split"] == "test", "class"]) - set(classes))
     if unknown:
