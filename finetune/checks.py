@@ -155,11 +155,11 @@ def _class_suite(cfg: ValidateConfig) -> list:
     return classes
 
 
-def run_suites(cfg: ValidateConfig, tables_: dict[str, pd.DataFrame], workdir: Path, run_name: str) -> list[CheckResult]:
-    """Validate each table against its suite in the GX context; results stored for Data Docs."""
+def run_suites(cfg: ValidateConfig, tables_: dict[str, pd.DataFrame], context, run_name: str) -> list[CheckResult]:
+    """Validate each table against its suite in ``context`` (see open_context); the results are
+    stored there for Data Docs."""
     import great_expectations as gx
 
-    context = open_context(cfg, workdir)
     datasource = _datasource(context)
     results = []
     for table, expectations in suites(cfg).items():
@@ -175,9 +175,9 @@ def run_suites(cfg: ValidateConfig, tables_: dict[str, pd.DataFrame], workdir: P
     return results
 
 
-def build_docs(cfg: ValidateConfig, workdir: Path) -> Path:
+def build_docs(cfg: ValidateConfig, context, workdir: Path) -> Path:
     """Rebuild the Data Docs site from every stored validation; return its index.html."""
-    open_context(cfg, workdir).build_data_docs(site_names=[SITE])
+    context.build_data_docs(site_names=[SITE])
     return (workdir / cfg.docs / "index.html").resolve()
 
 

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import mlflow
 import torch
-from torch.utils.data import DataLoader
 
 from finetune import tracking
 from finetune.config import Params
 from finetune.data.fetch import fetch
-from finetune.data.images import eval_transform, load_splits, train_transform
 from finetune.data.index import build_index, list_dataset
 from finetune.files import write_atomic
 from finetune.model import build_model
-from finetune.train import fingerprint_of, fit, load_checkpoint, resolve_runtime, seed_everything, worker_count
-from finetune.train_stage import log_epoch
+from finetune.train import fingerprint_of, fit, load_checkpoint, resolve_runtime, seed_everything
+from finetune.train_stage import loaders, log_epoch
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +40,16 @@ def pretrain(params: Params, out: Path, project: Path = Path(".")) -> Path | Non
     usable = index[index["decodes"] & index["class"].notna()]
     write_atomic(files, lambda tmp: usable[["path", "split", "class"]].to_csv(tmp, index=False))
     m = params.model
-    train_ds, test_ds, classes = load_splits(dataset, files, train_transform(m.train_crop),
-                                             eval_transform(m.test_resize, m.test_crop, m.resize_mode))
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     runtime = resolve_runtime(cfg.train)
-    options = {"batch_size": cfg.train.batch_size, "num_workers": worker_count(cfg.train)}
+    train_loader, test_loader, classes = loaders(m, cfg.train, dataset, files, runtime.device.type == "cuda")
     model = build_model(m.arch, "none", len(classes))
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
     tracking.use_store(project)
     experiment = tracking.experiment_id(f"pretrain-{dataset.name}", project)
     with mlflow.start_run(experiment_id=experiment, run_name="pretrain", log_system_metrics=True):
         mlflow.log_params(tracking.flatten("pretrain", cfg.train.model_dump()) | {"classes": len(classes)})
-        history = fit(model, DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, **options),
-                      cfg.train, runtime, target, fingerprint=fingerprint,
+        history = fit(model, train_loader, test_loader, cfg.train, runtime, target, fingerprint=fingerprint,
                       checkpoint=load_checkpoint(target, fingerprint), on_epoch=log_epoch)
     state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "classes": classes,
              "arch": m.arch, "settings": cfg.model_dump(mode="json")}

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune import plots, tracking
-from finetune.config import Params, TrainConfig
+from finetune.config import ModelConfig, Params, TrainConfig
 from finetune.data.archive import file_digest
 from finetune.data.images import eval_transform, load_splits, train_transform
 from finetune.files import write_atomic
@@ -56,7 +56,8 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
     cfg = params.train[variant]
     seed_everything(cfg.seed, cfg.deterministic)
     runtime = resolve_runtime(cfg)
-    train_loader, test_loader, classes = loaders(params, cfg, project, runtime.device.type == "cuda")
+    train_loader, test_loader, classes = loaders(params.model, cfg, project / params.data.dir,
+                                                 project / params.validate_.files, runtime.device.type == "cuda")
     weights = params.model.weights if cfg.init == "pretrained" else "none"
     model = build_model(params.model.arch, _weights_path(weights, project), len(classes))
     settings = {"variant": variant, "train": cfg.model_dump(), "model": params.model.model_dump(mode="json"),
@@ -66,10 +67,13 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
                                  _weights_digest(weights, project))
     out = project / paths.out
     # Only an unfinished run of these settings resumes; a finished one is trained afresh.
-    checkpoint = load_checkpoint(out, fingerprint) if _read_run_file(out, fingerprint) else None
-    with start_run(params, variant, out, fingerprint, project, version) as run:
+    previous = _read_run_file(out, fingerprint)
+    checkpoint = load_checkpoint(out, fingerprint) if previous else None
+    commit = tracking.git_commit(project)
+    with start_run(params, variant, out, fingerprint, project, previous, version, commit) as run:
         if checkpoint is None:
-            log_setup(settings, cfg, model, version, project, params, len(train_loader.dataset), len(test_loader.dataset))
+            log_setup(settings, cfg, version, commit, project, params, len(train_loader.dataset),
+                      len(test_loader.dataset))
         mlflow.set_tags(tracking.runtime_tags(runtime.device, runtime.precision))
         history = fit(model, train_loader, test_loader, cfg, runtime, out, fingerprint=fingerprint,
                       checkpoint=checkpoint, extra={"mlflow_run_id": run.info.run_id, "settings": settings},
@@ -88,28 +92,25 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
     return TrainResult(variant, test_acc, history, run.info.run_id, model_path)
 
 
-def loaders(params: Params, cfg: TrainConfig, project: Path, pin: bool):
-    """Train (shuffled, augmented) and test loaders over the validated file list; the classes."""
-    m = params.model
+def loaders(m: ModelConfig, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool):
+    """Train (shuffled, augmented) and test loaders over the file list of ``root``; the classes."""
     train_ds, test_ds, classes = load_splits(
-        project / params.data.dir, project / params.validate_.files,
-        train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
+        root, files_csv, train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
     workers = worker_count(cfg)
     options = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": pin,
                "persistent_workers": workers > 0}
     return DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, shuffle=False, **options), classes
 
 
-def start_run(params: Params, variant: str, out: Path, fingerprint: str, project: Path, version: str):
-    """The variant's MLflow run: the one this training started before (a resume), or a new one
+def start_run(params: Params, variant: str, out: Path, fingerprint: str, project: Path,
+              previous: str | None, version: str, commit: str):
+    """The variant's MLflow run: ``previous`` (the unfinished run of a resume), or a new one
     nested in the pipeline's parent run."""
     tracking.use_store(project)
     experiment = tracking.experiment_id(f"finetune-{params.data.dir.name}", project)
-    previous = _read_run_file(out, fingerprint)
     if previous:
         log.info("continuing MLflow run %s", previous)
         return mlflow.start_run(run_id=previous, log_system_metrics=True)
-    commit = tracking.git_commit(project)
     key = tracking.pipeline_key(version, commit, params.model.model_dump(mode="json"),
                                 {name: t.model_dump() for name, t in params.train.items()})
     parent = tracking.parent_run(experiment, key, {"data_version": version, "git_commit": commit})
@@ -136,11 +137,11 @@ def _read_run_file(out: Path, fingerprint: str) -> str | None:
     return record["mlflow_run_id"]
 
 
-def log_setup(settings, cfg: TrainConfig, model, version, project, params: Params, n_train, n_test) -> None:
+def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Params, n_train, n_test) -> None:
     """Params (every hyperparameter and group lr), data and code versions, the validation summary."""
     values = tracking.flatten("train", settings["train"]) | tracking.flatten("model", settings["model"])
     values |= {"variant": settings["variant"], "weights": settings["weights"], "data_version": version,
-               "git_commit": tracking.git_commit(project), "classes": len(settings["classes"]),
+               "git_commit": commit, "classes": len(settings["classes"]),
                "train_images": n_train, "test_images": n_test, "lr.body": cfg.lr}
     if cfg.head_lr_mult is not None:
         values["lr.head"] = cfg.lr * cfg.head_lr_mult

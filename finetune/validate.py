@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.checks import FILE_CHECKS, CheckResult, build_docs, run_suites, tables
+from finetune.checks import FILE_CHECKS, CheckResult, build_docs, open_context, run_suites, tables
 from finetune.config import ValidateConfig
 from finetune.data.index import build_index, list_dataset
 from finetune.errors import FinetuneError
@@ -54,17 +54,18 @@ def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".
     write_atomic(workdir / cfg.index, lambda tmp: index.to_parquet(tmp, index=False))
 
     run_name = time.strftime("%Y%m%dT%H%M%S")
-    checks = run_suites(cfg, tables(index, listing.classes), workdir, run_name)
+    context = open_context(cfg, workdir)
+    checks = run_suites(cfg, tables(index, listing.classes), context, run_name)
     first_failed = _failed(checks)
     quarantined: list[str] = []
     if first_failed and cfg.on_failure == "quarantine":
         quarantined = quarantine(checks, index)
         kept = index[~index["path"].isin(quarantined)]
         log.warning("quarantined %d files; validating the %d that remain", len(quarantined), len(kept))
-        checks = run_suites(cfg, tables(kept, listing.classes), workdir, f"{run_name}-quarantined")
+        checks = run_suites(cfg, tables(kept, listing.classes), context, f"{run_name}-quarantined")
     used = index[~index["path"].isin(quarantined)]
     passed = not _failed(checks)
-    docs = build_docs(cfg, workdir)
+    docs = build_docs(cfg, context, workdir)
     report = _report(cfg, index, used, checks, first_failed, quarantined, listing.ignored,
                      index_seconds, passed)
     write_atomic(workdir / cfg.report, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))

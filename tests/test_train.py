@@ -69,7 +69,8 @@ def fit_tiny(project: Path, **changes):
     write_params(project / "params.yaml", project / "params.yaml", tiny_train(**changes))
     params = load_params(project / "params.yaml")
     cfg = params.train["finetune"]
-    train_loader, test_loader, classes = loaders(params, cfg, project, pin=False)
+    train_loader, test_loader, classes = loaders(params.model, cfg, project / params.data.dir,
+                                                 project / params.validate_.files, pin=False)
     model = build_model("resnet18", "none", len(classes))
     return model, lambda **kw: fit(model, train_loader, test_loader, cfg, resolve_runtime(cfg),
                                    project / "models" / "t", fingerprint="t", **kw)
