@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test ui lock clean-demo
+.PHONY: install run demo test ui serve lock clean-demo
 
 install: $(STAMP)
 
@@ -31,9 +31,17 @@ test: $(STAMP)
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
 	exit $$status
 
-# The MLflow UI over the local store (mlflow/), on 127.0.0.1 only.
+# The MLflow UI over a workspace's local store (<workspace>/mlflow/), on 127.0.0.1 only;
+# `make ui WORKSPACE=demo` for the demo's runs and models.
+WORKSPACE ?= .
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
+
+# The production model (models:/<register.model_name>@production) over REST on 127.0.0.1:<serve.port>;
+# `make serve WORKSPACE=demo` after `make demo`. POST {"dataframe_records": [{"image": "<base64>"}]}
+# to /invocations; the answer holds the class and every class's probability.
+serve: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune serve
 
 # Re-pin constraints.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)

@@ -62,6 +62,80 @@ def cmd_train(params: Params, args: argparse.Namespace) -> None:
           f"(MLflow run {result.run_id})")
 
 
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> None:
+    """Score every variant on the test split; compare challenger and baseline (settings ``evaluate:``)."""
+    from finetune.evaluate_stage import EvalPaths, run_evaluate
+
+    results, comparison = run_evaluate(params, EvalPaths(args.models, args.history))
+    for r in results:
+        print(f"{r.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()))
+    test = comparison["mcnemar"]
+    print(f"{comparison['challenger']} - {comparison['baseline']}: accuracy {comparison['delta']['accuracy']:+.4f}, "
+          f"McNemar p = {test['p_value']:.4g} ({test['challenger_only']} vs {test['baseline_only']} discordant); "
+          f"report {params.evaluate.report}")
+
+
+def cmd_register(params: Params, args: argparse.Namespace) -> None:
+    """Register the variant that wins on register.metric as a new version, alias ``candidate``."""
+    from finetune.registry import register_candidate
+
+    r = register_candidate(params, args.models)
+    how = "already registered as" if r.reused else "registered as"
+    print(f"{r.variant} ({r.metric} {r.value:.4f}, run {r.run_id}) {how} {r.model_name} version {r.version} "
+          f"@candidate")
+
+
+def cmd_promote(params: Params, args: argparse.Namespace) -> None:
+    """Move ``production`` to the candidate only if it beats production by register.min_improvement."""
+    from finetune.registry import promote
+
+    d = promote(params, version=args.version, force=args.force)
+    print(f"{d.action}: {d.model_name} production {_v(d.production_before)} -> {_v(d.production_after)}; {d.reason}")
+
+
+def cmd_rollback(params: Params, args: argparse.Namespace) -> None:
+    """Move ``production`` back to the previous production version."""
+    from finetune.registry import rollback
+
+    d = rollback(params)
+    print(f"{d.action}: {d.model_name} production {_v(d.production_before)} -> {_v(d.production_after)}")
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "(none)"
+
+
+def _model_uri(params: Params, args: argparse.Namespace) -> str:
+    return args.model or f"models:/{params.register_.model_name}@production"
+
+
+def cmd_predict(params: Params, args: argparse.Namespace) -> int:
+    """Classify image files with a registered model (default: production), as the server would."""
+    import json
+
+    from finetune.serving import load_served, predict_files
+
+    results = predict_files(load_served(_model_uri(params, args)), args.images)
+    for result in results:
+        print(json.dumps(result))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def cmd_serve(params: Params, args: argparse.Namespace) -> None:
+    """Serve a registered model (default: production) over REST with `mlflow models serve`."""
+    from finetune.serving import serve
+
+    serve(_model_uri(params, args), params.serve.host, args.port or params.serve.port)
+
+
+def cmd_errors(params: Params, args: argparse.Namespace) -> None:
+    """Draw the test images a registered model (default: production) gets wrong."""
+    from finetune.evaluate_stage import errors_of_model
+
+    out, wrong, total = errors_of_model(params, _model_uri(params, args), args.out)
+    print(f"{wrong} of {total} test images misclassified -> {out}")
+
+
 def cmd_sample(params: Params, args: argparse.Namespace) -> None:
     """Write a generated archive of the hotdog.zip layout (settings from ``demo:``)."""
     from finetune.sample import class_names, write_sample_archive
@@ -114,7 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plots", type=Path, required=True, help="per-epoch CSV to write")
     train.set_defaults(func=cmd_train)
     sub.add_parser("demo-setup", help=cmd_demo_setup.__doc__).set_defaults(func=cmd_demo_setup)
+    _registry_commands(sub)
     return parser
+
+
+def _registry_commands(sub) -> None:
+    """evaluate, register, promote, rollback, predict, serve, errors."""
+    evaluate = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    evaluate.add_argument("--models", type=Path, required=True, help="folder of <variant>/model.pt")
+    evaluate.add_argument("--history", type=Path, required=True, help="folder of <variant>.csv (per-epoch stats)")
+    evaluate.set_defaults(func=cmd_evaluate)
+    register = sub.add_parser("register", help=cmd_register.__doc__)
+    register.add_argument("--models", type=Path, required=True, help="folder of <variant>/model.pt")
+    register.set_defaults(func=cmd_register)
+    promote = sub.add_parser("promote", help=cmd_promote.__doc__)
+    promote.add_argument("--version", help="promote this version instead of @candidate")
+    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    promote.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help=cmd_rollback.__doc__).set_defaults(func=cmd_rollback)
+    model_help = "MLflow model URI (default: models:/<register.model_name>@production)"
+    predict = sub.add_parser("predict", help=cmd_predict.__doc__)
+    predict.add_argument("images", type=Path, nargs="+", help="image files (any size, any mode)")
+    predict.add_argument("--model", help=model_help)
+    predict.set_defaults(func=cmd_predict)
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__)
+    serve.add_argument("--model", help=model_help)
+    serve.add_argument("--port", type=int, help="port (default: serve.port)")
+    serve.set_defaults(func=cmd_serve)
+    errors = sub.add_parser("errors", help=cmd_errors.__doc__)
+    errors.add_argument("--model", help=model_help)
+    errors.add_argument("--out", type=Path, help="PNG to write (default: <evaluate.plots>/errors_production.png)")
+    errors.set_defaults(func=cmd_errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,13 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # chatty at INFO
     args = build_parser().parse_args(argv)
-    func: Callable[[Params, argparse.Namespace], None] = args.func
+    func: Callable[[Params, argparse.Namespace], int | None] = args.func
     try:
-        func(load_params(args.params), args)
+        status = func(load_params(args.params), args)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

@@ -187,6 +187,43 @@ class PretrainConfig(Section):
     train: TrainConfig
 
 
+class EvaluateConfig(Section):
+    """``evaluate:`` the test-split evaluation of every variant and the comparison of two."""
+
+    challenger: str  # the variant under test (fine-tuned) ...
+    baseline: str  # ... and the one it is compared with (scratch)
+    batch_size: int = Field(ge=1)
+    device: str
+    workers: int | Literal["auto"]
+    metrics: Path  # dvc metrics JSON
+    report: Path  # Markdown
+    plots: Path  # folder: dvc plots data (CSV) and PNGs
+    errors_shown: int = Field(ge=1)  # misclassified test images in the error grid
+
+    @model_validator(mode="after")
+    def _two_variants(self) -> EvaluateConfig:
+        if self.challenger == self.baseline:
+            raise ValueError(f"challenger and baseline are both {self.challenger!r}: name two variants of train:")
+        return self
+
+
+class RegisterConfig(Section):
+    """``register:`` the model registry: which variant becomes a version, and the promotion gate."""
+
+    model_name: str = Field(min_length=1)
+    metric: Literal["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss"]
+    min_improvement: float = Field(ge=0)  # production moves only for a gain of at least this (and > 0)
+    record: Path  # the register stage's output: the version it made (JSON)
+
+
+class ServeConfig(Section):
+    """``serve:`` the REST endpoint of the production model (`make serve`)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    max_image_mb: float = Field(gt=0)  # larger encoded images are refused (400), as are > validate.max_pixels
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -196,7 +233,18 @@ class Params(Section):
     model: ModelConfig
     pretrain: PretrainConfig
     train: dict[str, TrainConfig] = Field(min_length=1)
+    evaluate: EvaluateConfig
+    # ``register:`` in the file; BaseModel's metaclass (an ABCMeta) has register().
+    register_: RegisterConfig = Field(alias="register")
+    serve: ServeConfig
     demo: DemoConfig
+
+    @model_validator(mode="after")
+    def _compared_variants_exist(self) -> Params:
+        absent = [v for v in (self.evaluate.challenger, self.evaluate.baseline) if v not in self.train]
+        if absent:
+            raise ValueError(f"evaluate names variants {absent} that train: does not define ({sorted(self.train)})")
+        return self
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

@@ -32,6 +32,8 @@ def tracking_uri(project: Path) -> str:
 def use_store(project: Path) -> str:
     """Point MLflow at the tracking store; return its URI."""
     uri = tracking_uri(project)
+    # Artifact downloads draw progress bars; in stage logs they are noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         (project / "mlflow").mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)

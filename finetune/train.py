@@ -61,11 +61,7 @@ class Runtime:
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
     """``device: auto`` picks cuda → mps → cpu; ``precision: auto`` picks bf16 where it is fast."""
-    if cfg.device == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        name = cfg.device
-    device = torch.device(name)
+    device = pick_device(cfg.device)
     precision = cfg.precision
     if precision == "auto":
         # bf16 autocast: CUDA GPUs that support it, and CPUs with native bf16 (AVX-512 bf16/AMX).
@@ -74,6 +70,13 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
         precision = "bf16" if fast_bf16 else "fp32"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Runtime(device, dtype, cfg.channels_last)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: cuda → mps → cpu; else the named device (cpu, cuda, cuda:1, ...)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
 def _cpu_has_bf16() -> bool:
@@ -95,11 +98,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def worker_count(cfg: TrainConfig) -> int:
+def worker_count(workers: int | str) -> int:
     """DataLoader worker processes: ``auto`` leaves one core to the training process."""
-    if cfg.workers == "auto":
+    if workers == "auto":
         return max(0, min(8, (os.cpu_count() or 1) - 1))
-    return int(cfg.workers)
+    return int(workers)
 
 
 # --- the strategy: which blocks train, and when --------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from finetune import plots, tracking
+from finetune.classifier import save_final
 from finetune.config import ModelConfig, Params, TrainConfig
 from finetune.data.archive import file_digest
 from finetune.data.images import eval_transform, load_splits, train_transform
@@ -81,10 +82,8 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
         probs, truth = predict(model, test_loader, runtime)
         test_acc = (probs.argmax(1) == truth).float().mean().item()
         model_path = out / "model.pt"
-        final = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "classes": classes,
-                 "arch": params.model.arch, "settings": settings, "fingerprint": fingerprint,
-                 "mlflow_run_id": run.info.run_id, "test_acc": test_acc}
-        write_atomic(model_path, lambda tmp: torch.save(final, tmp))
+        save_final(model_path, model, classes, params.model.arch, settings, fingerprint=fingerprint,
+                   mlflow_run_id=run.info.run_id, test_acc=test_acc)
         write_outputs(paths, project, history, test_acc, len(train_loader.dataset), len(test_loader.dataset))
         log_results(model, history, test_loader.dataset, probs, truth, classes, params, project, paths)
         _write_run_file(out, fingerprint, run.info.run_id, complete=True)
@@ -96,7 +95,7 @@ def loaders(m: ModelConfig, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     """Train (shuffled, augmented) and test loaders over the file list of ``root``; the classes."""
     train_ds, test_ds, classes = load_splits(
         root, files_csv, train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
-    workers = worker_count(cfg)
+    workers = worker_count(cfg.workers)
     options = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": pin,
                "persistent_workers": workers > 0}
     return DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, shuffle=False, **options), classes

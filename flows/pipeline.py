@@ -14,11 +14,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from tasks.dvc import StageRun, run_stage, stage_order
+from tasks.registry import promotion_gate
 
 
 @flow(name="finetune-pipeline")
 def pipeline(workspace: str = ".") -> list[StageRun]:
-    """Run every DVC stage of ``workspace`` in order; a failed stage fails the flow."""
+    """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
+    fails the flow (and nothing after it runs)."""
     root = Path(workspace).resolve()
     logger = get_run_logger()
     runs = []
@@ -27,6 +29,8 @@ def pipeline(workspace: str = ".") -> list[StageRun]:
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)
+    if any(run.stage == "register" for run in runs):
+        promotion_gate(root)
     return runs
 
 

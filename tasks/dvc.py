@@ -54,16 +54,24 @@ def run_stage(stage: str, workspace: Path) -> StageRun:
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     started = time.monotonic()
-    skipped = False
+    returncode, lines = stream(command, workspace, logger)
+    skipped = any(_SKIPPED in line for line in lines)
+    if returncode != 0:
+        raise StageFailed(f"stage {stage!r} failed in {workspace} (dvc repro exited "
+                          f"{returncode}); DVC's output is in the lines above")
+    return StageRun(stage, time.monotonic() - started, skipped)
+
+
+def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]:
+    """Run ``command`` in ``workspace`` with the project's environment, every output line into
+    ``logger`` as it comes; the exit status and the lines."""
     # One MLflow parent run per flow run: the training stages nest their runs under it.
     env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id()}
+    lines = []
     with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:
-            skipped |= _SKIPPED in line
-            logger.info(line.rstrip())
-    if process.returncode != 0:
-        raise StageFailed(f"stage {stage!r} failed in {workspace} (dvc repro exited "
-                          f"{process.returncode}); DVC's output is in the lines above")
-    return StageRun(stage, time.monotonic() - started, skipped)
+            lines.append(line.rstrip())
+            logger.info(lines[-1])
+    return process.returncode, lines

@@ -173,7 +173,8 @@ def dataset_zip(variant: int = 0, root: str = "hotdog") -> bytes:
 # Settings under which dataset_zip()'s few tiny images pass validation and train in seconds.
 TINY_TRAIN = {"model.weights": "none", "model.train_crop": 16, "model.test_resize": 16, "model.test_crop": 16,
               **{f"train.{variant}.{key}": value for variant in ("finetune", "scratch")
-                 for key, value in (("epochs", 1), ("batch_size", 4), ("max_steps", 1), ("workers", 0))}}
+                 for key, value in (("epochs", 1), ("batch_size", 4), ("max_steps", 1), ("workers", 0))},
+              "evaluate.workers": 0}
 TINY_DATA = {"validate.min_side": 8, "validate.min_images_per_class": 2, "validate.expected_per_class": None,
              **TINY_TRAIN}
 
@@ -202,3 +203,63 @@ def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.Completed
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it dies or times out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    process.terminate()
+    pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def start_server(command: list[str], health: str, log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> subprocess.Popen:
+    """A real server process (output to ``log``), once ``health`` answers."""
+    handle = log.open("w")
+    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                               start_new_session=True)
+    handle.close()
+    wait_for_http(health, process, log)
+    return process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1: SQLite backend, a temporary artifact root; its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    process = start_server(command, f"http://127.0.0.1:{port}/health", root / "server.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(process)

@@ -1,7 +1,8 @@
-"""The fetch stage through real DVC commands in a temporary copy of the repository."""
+"""The pipeline through real DVC commands in a temporary copy of the repository."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -88,3 +89,24 @@ def test_dvc_exp_run_overrides_data_params(tmp_path):
     applied = load_params(workspace / "params.yaml").data
     assert applied.checksum is None and applied.url == str(mirror)
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
+
+
+def test_repro_ends_with_a_registered_candidate_and_dvc_shows_the_evaluation(workspace, tmp_path):
+    """`dvc repro` alone runs evaluate and register: dvc metrics and plots read their files."""
+    record = json.loads((workspace / "reports" / "register.json").read_text())
+    assert record["model_name"] == "hotdog-classifier" and record["version"] == "1"
+    assert record["variant"] in ("finetune", "scratch")
+    metrics = json.loads(dvc(workspace, "metrics", "show", "--json").stdout)
+    evaluation = next(iter(metrics.values()))["data"]["metrics/evaluate.json"]["data"]
+    assert set(evaluation) == {"finetune", "scratch", "comparison"}
+    assert 0 <= evaluation["comparison"]["mcnemar"]["p_value"] <= 1
+    html = tmp_path / "plots"
+    dvc(workspace, "plots", "show", "-o", str(html))
+    page = (html / "index.html").read_text()
+    for title in ("test accuracy per epoch", "confusion matrix finetune", "confusion matrix scratch", "ROC"):
+        assert title in page
+    # The version is in the workspace's own MLflow store, with the alias `candidate`.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow' / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("hotdog-classifier", "candidate").version == 1

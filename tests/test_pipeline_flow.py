@@ -50,8 +50,11 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'fetch'" in first.stdout + first.stderr
     assert "validation passed: 18 of 18 files" in first.stdout + first.stderr
-    for stage in ("pretrain", "train@finetune", "train@scratch"):
+    for stage in ("pretrain", "train@finetune", "train@scratch", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first.stdout + first.stderr
+    assert "promoted: hotdog-classifier production (none) -> v1; no production version yet" in first.stdout + first.stderr
+    report = (demo / "reports" / "evaluate.md").read_text()
+    assert "McNemar (exact)" in report and "| accuracy |" in report
     assert (demo / "models" / "finetune" / "model.pt").exists() and (demo / "models" / "source" / "model.pt").exists()
     files = tree_digest(demo / "data" / "hotdog")
     assert sum(name.startswith("train/hotdog/") for name in files) == 6
@@ -68,6 +71,8 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     second = run([python, "-m", "flows.pipeline", "--workspace", "demo"], project, prefect_env)
     assert second.returncode == 0, second.stderr
     assert "skipped (up to date)" in second.stdout + second.stderr
+    # Nothing changed: the same candidate, already production.
+    assert "unchanged: hotdog-classifier production v1 -> v1" in second.stdout + second.stderr
     assert tree_digest(demo / "data" / "hotdog") == files
 
 
@@ -94,8 +99,10 @@ def test_stage_order_follows_the_dag(tmp_path):
     extra = "  count:\n    cmd: wc -l data/validate/files.csv > count.txt\n    deps: [data/validate/files.csv]\n    outs: [count.txt]\n"
     (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
     order = stage_order(workspace)
-    assert sorted(order) == ["count", "fetch", "pretrain", "train@finetune", "train@scratch", "validate"]
+    assert sorted(order) == ["count", "evaluate", "fetch", "pretrain", "register", "train@finetune",
+                             "train@scratch", "validate"]
     before = {"validate": ["fetch"], "count": ["validate"], "train@finetune": ["validate", "pretrain"],
-              "train@scratch": ["validate", "pretrain"]}
+              "train@scratch": ["validate", "pretrain"], "evaluate": ["train@finetune", "train@scratch"],
+              "register": ["evaluate"]}
     for stage, upstream in before.items():
         assert all(order.index(u) < order.index(stage) for u in upstream), order

@@ -8,6 +8,7 @@ horizontal flip. Test: resize (both sides, as the book; or the shorter side, as 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -40,8 +41,9 @@ def eval_transform(resize: int, crop: int, mode: str) -> transforms.Compose:
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def load_image(path: Path) -> Image.Image:
-    """An RGB image as a viewer shows it: EXIF rotation applied, any mode converted."""
+def load_image(path: Path | BinaryIO) -> Image.Image:
+    """An RGB image (from a file or a binary stream) as a viewer shows it: EXIF rotation
+    applied, any mode converted."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):
