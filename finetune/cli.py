@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -235,4 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # The tracking server unreachable or refusing: say so plainly (MLflow's own message).
+        if not type(err).__module__.startswith("mlflow"):
+            raise
+        print(f"error: MLflow ({os.environ.get('MLFLOW_TRACKING_URI') or 'the local store'}): {err}", file=sys.stderr)
+        return 1
     return status or 0

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 from torch.utils.data import DataLoader

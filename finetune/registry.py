@@ -155,10 +155,13 @@ def _run_for_model(client: MlflowClient, run_id: str | None, project: Path, para
 
 
 def _alias(client: MlflowClient, name: str, alias: str):
+    """The version ``name@alias``, or None when the model or the alias does not exist."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise  # the store unreachable or failing: not the same as "no such alias"
 
 
 def score_version(client: MlflowClient, params: Params, project: Path, version) -> float:
@@ -267,12 +270,16 @@ def append_log(client: MlflowClient, params: Params, project: Path, decision: De
     run_id = _log_run(client, params, project, decision.model_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / LOG_FILE
-        try:
-            lines = Path(client.download_artifacts(run_id, LOG_FILE, tmp)).read_text()
-        except (MlflowException, OSError):
-            lines = ""
-        path.write_text(lines + json.dumps(asdict(decision)) + "\n")
+        path.write_text(_read_log(client, run_id, tmp) + json.dumps(asdict(decision)) + "\n")
         client.log_artifact(run_id, str(path))
+
+
+def _read_log(client: MlflowClient, run_id: str, folder: str) -> str:
+    """The promotion log's text ("" before the first decision). A failing download raises:
+    appending to an empty log then would replace the history."""
+    if LOG_FILE not in {a.path for a in client.list_artifacts(run_id)}:
+        return ""
+    return Path(client.download_artifacts(run_id, LOG_FILE, folder)).read_text()
 
 
 def promotion_log(params: Params, project: Path = Path(".")) -> list[dict]:
@@ -281,10 +288,7 @@ def promotion_log(params: Params, project: Path = Path(".")) -> list[dict]:
     client = MlflowClient()
     run_id = _log_run(client, params, project, params.register_.model_name)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            text = Path(client.download_artifacts(run_id, LOG_FILE, tmp)).read_text()
-        except (MlflowException, OSError):
-            return []
+        text = _read_log(client, run_id, tmp)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

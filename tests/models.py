@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import torch
 from conftest import REPO
@@ -76,5 +75,3 @@ def save_variant(project: Path, variant: str, favour: int | None, tag: str) -> P
 def params(project: Path):
     return load_params(project / "params.yaml")
 
-
-__all__ = ["CLASSES", "biased", "mlflow", "params", "project_with_data", "save_variant", "training_run"]

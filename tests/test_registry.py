@@ -131,3 +131,19 @@ def test_promote_and_rollback_commands(project):
     assert "0.2500 (candidate v2) vs 0.2500 (production v1)" in second.stdout
     third = run("rollback")
     assert third.returncode == 1 and "no earlier production version" in third.stderr
+
+
+def test_an_unreachable_tracking_server_is_a_plain_error(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+
+    from finetune.workspace import stage_env
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = stage_env() | {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    result = subprocess.run([sys.executable, "-m", "finetune", "promote"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: MLflow (http://127.0.0.1:") and "Traceback" not in result.stderr
