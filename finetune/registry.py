@@ -147,7 +147,7 @@ def _run_for_model(client: MlflowClient, run_id: str | None, project: Path, para
             return mlflow.start_run(run_id=run_id)
         except MlflowException:
             log.warning("run %s is not in the tracking store: the model goes into a new run", run_id)
-    experiment = tracking.experiment_id(f"finetune-{params.data.dir.name}", project)
+    experiment = tracking.pipeline_experiment(params.data.dir, project)
     return mlflow.start_run(experiment_id=experiment, run_name="register")
 
 
@@ -293,7 +293,7 @@ def promotion_log(params: Params, project: Path = Path(".")) -> list[dict]:
 
 
 def _log_run(client: MlflowClient, params: Params, project: Path, name: str) -> str:
-    experiment = tracking.experiment_id(f"finetune-{params.data.dir.name}", project)
+    experiment = tracking.pipeline_experiment(params.data.dir, project)
     found = client.search_runs([experiment], filter_string=f"tags.`{LOG_TAG}` = '{name}'", max_results=1)
     if found:
         return found[0].info.run_id

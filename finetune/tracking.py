@@ -54,6 +54,12 @@ def experiment_id(name: str, project: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def pipeline_experiment(dataset: Path, project: Path) -> str:
+    """The experiment of the pipeline on ``dataset`` (``finetune-<folder name>``): training runs,
+    their parent runs, the registry's log."""
+    return experiment_id(f"finetune-{Path(dataset).name}", project)
+
+
 def parent_run(experiment: str, key: str, tags: dict[str, str]) -> str:
     """The id of the pipeline run ``key`` (a parent run), created by the first variant to ask."""
     client = MlflowClient()

@@ -106,7 +106,7 @@ def start_run(params: Params, variant: str, out: Path, fingerprint: str, project
     """The variant's MLflow run: ``previous`` (the unfinished run of a resume), or a new one
     nested in the pipeline's parent run."""
     tracking.use_store(project)
-    experiment = tracking.experiment_id(f"finetune-{params.data.dir.name}", project)
+    experiment = tracking.pipeline_experiment(params.data.dir, project)
     if previous:
         log.info("continuing MLflow run %s", previous)
         return mlflow.start_run(run_id=previous, log_system_metrics=True)

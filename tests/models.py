@@ -55,7 +55,7 @@ def project_with_data(root: Path, test: dict[str, int], **overrides) -> Path:
 def training_run(project: Path, variant: str) -> str:
     """A finished MLflow run for ``variant`` under a pipeline parent run, as the train stage makes."""
     tracking.use_store(project)
-    experiment = tracking.experiment_id("finetune-hotdog", project)
+    experiment = tracking.pipeline_experiment(params(project).data.dir, project)
     parent = tracking.parent_run(experiment, "test-pipeline", {})
     run = MlflowClient().create_run(experiment, run_name=variant, tags={"variant": variant,
                                                                         "mlflow.parentRunId": parent})
