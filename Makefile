@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test ui serve lock clean-demo
+.PHONY: install run demo test ui serve scheduler deploy lock clean-demo
 
 install: $(STAMP)
 
@@ -42,6 +42,19 @@ ui: $(STAMP)
 # to /invocations; the answer holds the class and every class's probability.
 serve: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune serve
+
+# Scheduled retraining (retrain.cron in params.yaml): a real Prefect server on 127.0.0.1:4200
+# (state in .prefect/) and the retrain deployment served against it; Ctrl-C stops both.
+scheduler: $(STAMP)
+	$(PY) -m flows.scheduler --workspace $(WORKSPACE)
+
+# The same deployment for a Prefect server with work pools (prefect.yaml): needs PREFECT_API_URL
+# and a process work pool; then `FINETUNE_PROJECT=$$PWD prefect worker start --pool finetune-process`.
+deploy: $(STAMP)
+	$(VENV)/bin/prefect work-pool inspect finetune-process >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create finetune-process --type process
+	FINETUNE_PROJECT=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --name scheduled-retrain \
+	  --cron "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.cron)')" \
+	  --timezone "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.timezone)')"
 
 # Re-pin constraints.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)

@@ -224,6 +224,30 @@ class ServeConfig(Section):
     max_image_mb: float = Field(gt=0)  # larger encoded images are refused (400), as are > validate.max_pixels
 
 
+class RetrainConfig(Section):
+    """``retrain:`` the scheduled retraining deployment (flows/retrain.py)."""
+
+    cron: str = Field(min_length=9)  # five fields, e.g. "0 3 * * 1"
+    timezone: str
+    deployment: str = Field(min_length=1)
+    if_running: Literal["wait", "skip"]  # a run that finds the workspace busy waits, or logs and skips
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a cron expression: five fields, minute hour day month weekday")
+        return value
+
+
+class NotifyConfig(Section):
+    """``notify:`` where the pipeline reports failures and promotions (a JSON POST)."""
+
+    webhook_url: str | None
+    events: tuple[Literal["failure", "promotion", "refusal"], ...]
+    timeout_s: float = Field(gt=0)
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -237,6 +261,8 @@ class Params(Section):
     # ``register:`` in the file; BaseModel's metaclass (an ABCMeta) has register().
     register_: RegisterConfig = Field(alias="register")
     serve: ServeConfig
+    retrain: RetrainConfig
+    notify: NotifyConfig
     demo: DemoConfig
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Prefect flows: `pipeline` (the whole chain, the main job); later `retrain` (scheduled)."""
+"""Prefect flows: `pipeline` (the whole chain, the main job), `retrain` (scheduled) and `scheduler`."""
 
 import os
 

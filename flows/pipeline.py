@@ -1,4 +1,5 @@
-"""The main job: the whole DVC pipeline as a Prefect flow, one task per stage, in DAG order.
+"""The main job: the whole DVC pipeline as a Prefect flow, one task per stage, in DAG order, then
+the promotion gate, a Markdown report (a Prefect artifact) and notifications.
 
 `python -m flows.pipeline [--workspace DIR]` — without PREFECT_API_URL it runs on Prefect's
 local ephemeral server; with it, against that server.
@@ -13,24 +14,54 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from tasks.dvc import StageRun, run_stage, stage_order
+from finetune.config import load_params
+from tasks.dvc import StageRun, fetch_stage, run_stage, stage_order
+from tasks.lock import workspace_lock
+from tasks.notify import notify
 from tasks.registry import promotion_gate
+from tasks.report import publish_report
 
 
-@flow(name="finetune-pipeline")
-def pipeline(workspace: str = ".") -> list[StageRun]:
-    """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
-    fails the flow (and nothing after it runs)."""
-    root = Path(workspace).resolve()
+def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dict | None]:
+    """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the report, notifications.
+    Call it inside a flow, holding the workspace lock."""
     logger = get_run_logger()
     runs = []
     for stage in stage_order(root):
-        runs.append(run_stage(stage, root))
+        if stage == "fetch":
+            runs.append(fetch_stage(stage, root, force=refresh))
+        else:
+            runs.append(run_stage(stage, root))
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)
-    if any(run.stage == "register" for run in runs):
-        promotion_gate(root)
+    decision = promotion_gate(root) if any(run.stage == "register" for run in runs) else None
+    params = load_params(root / "params.yaml")
+    publish_report(params, root, decision, runs)
+    if decision and decision["action"] in ("promoted", "refused"):
+        event = "promotion" if decision["action"] == "promoted" else "refusal"
+        notify(params.notify, event, {"workspace": str(root), "message": decision["reason"], "decision": decision})
+    return runs, decision
+
+
+def notify_failure(flow, flow_run, state) -> None:
+    """Flow hook: report a failed run to the webhook (if params.yaml sets one)."""
+    root = Path(flow_run.parameters.get("workspace", ".")).resolve()
+    try:
+        cfg = load_params(root / "params.yaml").notify
+    except Exception:  # params unreadable: that may be the failure itself; nothing to notify with
+        return
+    notify(cfg, "failure", {"workspace": str(root), "flow": flow.name, "flow_run": str(flow_run.id),
+                            "message": state.message or str(state.type)})
+
+
+@flow(name="finetune-pipeline", on_failure=[notify_failure])
+def pipeline(workspace: str = ".") -> list[StageRun]:
+    """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
+    fails the flow (and nothing after it runs). Waits while another run trains there."""
+    root = Path(workspace).resolve()
+    with workspace_lock(root, wait=True):
+        runs, _ = run_pipeline(root)
     return runs
 
 

@@ -19,7 +19,11 @@ _SKIPPED = "didn't change, skipping"
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; its output is in the task log."""
+    """A DVC stage exited non-zero; its output is in the task log (and in ``lines``)."""
+
+    def __init__(self, message: str, lines: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.lines = lines or []
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,17 @@ def _flow_run_id() -> str:
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, workspace: Path) -> StageRun:
-    """`dvc repro --single-item <stage>` in ``workspace``; DVC itself skips an unchanged stage."""
+def run_stage(stage: str, workspace: Path, force: bool = False) -> StageRun:
+    """`dvc repro --single-item <stage>` in ``workspace``; DVC itself skips an unchanged stage.
+    ``force``: run it even so (the retrain flow's fetch: is there a new archive at the URL?)."""
     logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     started = time.monotonic()
     returncode, lines = stream(command, workspace, logger)
     skipped = any(_SKIPPED in line for line in lines)
     if returncode != 0:
         raise StageFailed(f"stage {stage!r} failed in {workspace} (dvc repro exited "
-                          f"{returncode}); DVC's output is in the lines above")
+                          f"{returncode}); DVC's output is in the lines above", lines)
     return StageRun(stage, time.monotonic() - started, skipped)
 
 
@@ -75,3 +80,23 @@ def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]
             lines.append(line.rstrip())
             logger.info(lines[-1])
     return process.returncode, lines
+
+
+# The fetch stage's messages for a network that failed on every attempt (finetune/data/download.py).
+_TRANSIENT = ("Could not download", "The server or the connection is failing")
+
+
+def _network_failure(task, task_run, state) -> bool:
+    """Retry the stage only when the network failed, not for a bad checksum or archive."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return any(marker in line for line in err.lines for marker in _TRANSIENT)
+    except Exception:
+        return False
+    return False
+
+
+# The download itself retries connection errors and 5xx (data.retries); the task retries the
+# whole stage on top, with a longer backoff, for outages longer than a few seconds.
+fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=_network_failure)

@@ -1,0 +1,71 @@
+"""Scheduled retraining: refresh the data (a new archive at data.url is a new DVC data version),
+run the pipeline, promote only through the gate, report.
+
+`python -m flows.retrain [--workspace DIR]` serves the deployment `retrain.deployment` with the
+cron schedule `retrain.cron` against the Prefect server at PREFECT_API_URL (`make scheduler`
+starts one on 127.0.0.1); `--now` runs one retraining in this process instead. prefect.yaml
+declares the same deployment for `prefect deploy` to a process work pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.schedules import Cron
+
+from finetune.config import load_params
+from flows.pipeline import notify_failure, run_pipeline
+from tasks.lock import WorkspaceBusy, workspace_lock
+
+
+@flow(name="finetune-retrain", on_failure=[notify_failure])
+def retrain(workspace: str = ".") -> dict:
+    """Fetch again, run what changed, the gate, the report. A workspace already training makes
+    this run wait or skip (``retrain.if_running``): never two trainings at once."""
+    root = Path(workspace).resolve()
+    logger = get_run_logger()
+    params = load_params(root / "params.yaml")
+    try:
+        with workspace_lock(root, wait=params.retrain.if_running == "wait"):
+            runs, decision = run_pipeline(root, refresh=True)
+    except WorkspaceBusy as err:
+        logger.warning("retraining skipped: %s (retrain.if_running: skip)", err)
+        return {"skipped": str(err)}
+    return {"stages": {run.stage: not run.skipped for run in runs}, "decision": decision}
+
+
+def serve(root: Path) -> None:
+    """Serve the deployment: cron from params.yaml, at most one run at a time (more are queued)."""
+    cfg = load_params(root / "params.yaml").retrain
+    retrain.serve(name=cfg.deployment, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+                  parameters={"workspace": str(root)},
+                  global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+                  description=__doc__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: serve the scheduled deployment, or (--now) retrain once."""
+    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
+    parser.add_argument("--workspace", default=".", help="DVC project to retrain (default: here)")
+    parser.add_argument("--now", action="store_true", help="retrain once, now, instead of serving the schedule")
+    args = parser.parse_args(argv)
+    root = Path(args.workspace).resolve()
+    if not args.now:
+        serve(root)
+        return 0
+    try:
+        result = retrain(str(root))
+    except Exception as err:
+        print(f"retraining failed: {err}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
