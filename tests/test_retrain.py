@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ def prefect_api(tmp_path_factory):
     """A real Prefect server (flows/scheduler.py starts it as `make scheduler` does)."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2")  # schedule without a minute's wait
     server = start_server(home, port)
+    patch.undo()
     yield f"http://127.0.0.1:{port}/api", home
     server.terminate()
     server.wait(timeout=30)
@@ -48,7 +52,7 @@ async def main():
     async with get_client() as client:
         runs = await client.read_flow_runs(limit=100, sort=FlowRunSort.START_TIME_ASC)
         print(json.dumps([{"name": r.name, "state": r.state_type.value, "start": r.start_time.timestamp() if r.start_time else None,
-                           "end": r.end_time.timestamp() if r.end_time else None, "flow": str(r.flow_id)} for r in runs]))
+                           "end": r.end_time.timestamp() if r.end_time else None, "expected": r.expected_start_time.timestamp()} for r in runs]))
 asyncio.run(main())
 """
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
@@ -100,6 +104,12 @@ def test_retrain_deployment_on_a_real_prefect_server(tmp_path, prefect_api):
             time.sleep(1)
         inspected = prefect(env, "deployment", "inspect", DEPLOYMENT).stdout
         assert "0 3 * * 1" in inspected  # the cron of params.yaml
+        # The server's scheduler fills in the coming runs: Mondays at 03:00 UTC.
+        while not (scheduled := [r for r in flow_runs(env) if r["state"] == "SCHEDULED"]):
+            assert time.monotonic() < deadline, "the Prefect scheduler made no runs"
+            time.sleep(1)
+        starts = [datetime.fromtimestamp(r["expected"], timezone.utc) for r in scheduled]
+        assert all((t.weekday(), t.hour, t.minute) == (0, 3, 0) for t in starts), starts
 
         # Two triggers at once: both complete, one after the other.
         runs = [subprocess.Popen([sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT, "--watch"],
