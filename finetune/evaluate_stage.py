@@ -197,14 +197,19 @@ def log_to_parent(client: MlflowClient, parent: str, results, comparison: dict, 
     log.info("evaluation logged to the pipeline's MLflow run %s", parent)
 
 
-def errors_of_model(params: Params, uri: str, out: Path | None, project: Path = Path(".")) -> tuple[Path, int, int]:
-    """The error grid of a registered model (e.g. production) on the current test split."""
+def evaluate_registered(params: Params, uri: str, project: Path = Path(".")) -> VariantEval:
+    """A registered model (``models:/name@alias``, ``models:/name/3``, ...) on the current test split."""
     from finetune.evaluate import evaluate_classifier
     from finetune.serving import load_served
 
     classifier = load_served(uri, project).unwrap_python_model().classifier
-    result = evaluate_classifier(uri, classifier, project / params.data.dir, project / params.validate_.files,
-                                 params.evaluate)
+    return evaluate_classifier(uri, classifier, project / params.data.dir, project / params.validate_.files,
+                               params.evaluate)
+
+
+def errors_of_model(params: Params, uri: str, out: Path | None, project: Path = Path(".")) -> tuple[Path, int, int]:
+    """The error grid of a registered model (e.g. production) on the current test split."""
+    result = evaluate_registered(params, uri, project)
     out = out or project / params.evaluate.plots / "errors_production.png"
     wrong = int((result.predicted != result.truth).sum())
     _save(errors_figure(result, project / params.data.dir, params.evaluate.errors_shown,

@@ -23,7 +23,8 @@ from finetune import tracking
 from finetune.classifier import load_classifier
 from finetune.config import Params
 from finetune.errors import FinetuneError
-from finetune.evaluate import LOWER_IS_BETTER, better, evaluate_classifier
+from finetune.evaluate import LOWER_IS_BETTER, better
+from finetune.evaluate_stage import evaluate_registered
 from finetune.files import write_atomic
 from finetune.serving import log_classifier
 from finetune.train import fingerprint_of
@@ -164,13 +165,10 @@ def _alias(client: MlflowClient, name: str, alias: str):
         raise  # the store unreachable or failing: not the same as "no such alias"
 
 
-def score_version(client: MlflowClient, params: Params, project: Path, version) -> float:
+def score_version(params: Params, project: Path, version) -> float:
     """``register.metric`` of a registered version on the current test split."""
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    classifier = model.unwrap_python_model().classifier
-    result = evaluate_classifier(f"v{version.version}", classifier, project / params.data.dir,
-                                 project / params.validate_.files, params.evaluate)
-    return result.metrics[params.register_.metric]
+    return evaluate_registered(params, f"models:/{version.name}/{version.version}", project).metrics[
+        params.register_.metric]
 
 
 def promote(params: Params, project: Path = Path("."), version: str | None = None, force: bool = False) -> Decision:
@@ -185,7 +183,7 @@ def promote(params: Params, project: Path = Path("."), version: str | None = Non
         raise RegistryError(f"{cfg.model_name} has no version with the alias {CANDIDATE!r}: run the register "
                             "stage first (`dvc repro register`).")
     production = _alias(client, cfg.model_name, PRODUCTION)
-    decision = _decide(client, params, project, candidate, production, force)
+    decision = _decide(params, project, candidate, production, force)
     if decision.action == "promoted":
         client.set_registered_model_alias(cfg.model_name, PRODUCTION, candidate.version)
         _push_history(client, cfg.model_name, candidate.version)
@@ -193,19 +191,21 @@ def promote(params: Params, project: Path = Path("."), version: str | None = Non
     return decision
 
 
-def _decide(client, params: Params, project: Path, candidate, production, force: bool) -> Decision:
+def _decide(params: Params, project: Path, candidate, production, force: bool) -> Decision:
     cfg = params.register_
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    cand_score = score_version(client, params, project, candidate)
     base = {"model_name": cfg.model_name, "candidate": str(candidate.version), "metric": cfg.metric,
-            "min_improvement": cfg.min_improvement, "candidate_score": cand_score, "time": now}
+            "min_improvement": cfg.min_improvement, "time": now}
+    if production is not None and production.version == candidate.version:  # nothing to score
+        return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
+                        candidate_score=None, production_score=None,
+                        reason=f"version {candidate.version} is already production", **base)
+    cand_score = score_version(params, project, candidate)
+    base["candidate_score"] = cand_score
     if production is None:
         return Decision("promoted", production_before=None, production_after=str(candidate.version), production_score=None,
                         reason="no production version yet", **base)
-    if production.version == candidate.version:
-        return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
-                        production_score=cand_score, reason=f"version {candidate.version} is already production", **base)
-    prod_score = score_version(client, params, project, production)
+    prod_score = score_version(params, project, production)
     gain = better(cfg.metric, cand_score, prod_score)
     passed = gain > 0 and gain >= cfg.min_improvement
     numbers = (f"{cfg.metric} {cand_score:.4f} (candidate v{candidate.version}) vs {prod_score:.4f} "

@@ -69,7 +69,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.client.schemas.sorting import ArtifactSort
 async def main():
     async with get_client() as client:
-        # (every filter spelled out: this server refuses nulls for them)
+        # (artifacts published by a task: the task-run filter joins on their task run)
         found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[{key!r}]) if {key!r} else None),
                                             flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
                                             limit=100, sort=ArtifactSort.CREATED_DESC)
