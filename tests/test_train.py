@@ -142,7 +142,7 @@ def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monk
     import mlflow.pytorch
 
     (logged,) = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == result.run_id]
-    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path="downloaded")
     with torch.inference_mode():
         assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
 
