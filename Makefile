@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test ui serve scheduler deploy lock clean-demo
+.PHONY: install run demo test bench ui serve scheduler deploy lock clean-demo
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 	$(PY) -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
 	exit $$status
+
+# Speed, measured side by side: the plain recipe loop vs the trainer, dvc repro, Prefect overhead
+# (prints a table, writes reports/bench.json and the README's table). BENCH_ARGS: see --help.
+bench: $(STAMP)
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 # The MLflow UI over a workspace's local store (<workspace>/mlflow/), on 127.0.0.1 only;
 # `make ui WORKSPACE=demo` for the demo's runs and models.

@@ -7,6 +7,8 @@ user can act on are printed as one paragraph (no traceback) with exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -54,11 +56,24 @@ def cmd_pretrain(params: Params, args: argparse.Namespace) -> None:
 
 def cmd_train(params: Params, args: argparse.Namespace) -> None:
     """Train one variant of train: (e.g. finetune, scratch) on the validated files."""
+    import subprocess
+
+    from finetune import distributed
     from finetune.train_stage import Paths, train_variant
 
     if args.variant not in params.train:
         raise ConfigError(f"no variant {args.variant!r} under train: in params.yaml; have {sorted(params.train)}")
+    nproc = params.train[args.variant].nproc_per_node
+    if nproc > 1 and not distributed.launched():
+        # The same command again, in nproc processes under torchrun (this process only waits).
+        command = distributed.torchrun_command(nproc, [
+            "finetune", "--params", str(args.params), "train", args.variant, "--out", str(args.out),
+            "--metrics", str(args.metrics), "--plots", str(args.plots)])
+        print(f"train {args.variant}: DistributedDataParallel over {nproc} processes: {' '.join(command)}", flush=True)
+        raise SystemExit(subprocess.call(command))
     result = train_variant(params, args.variant, Paths(args.out, args.metrics, args.plots))
+    if not result.run_id:  # a torchrun process other than rank 0: rank 0 reports
+        return
     print(f"{result.variant}: test accuracy {result.test_acc:.4f} -> {result.model_path} "
           f"(MLflow run {result.run_id})")
 
@@ -92,6 +107,8 @@ def cmd_promote(params: Params, args: argparse.Namespace) -> None:
 
     d = promote(params, version=args.version, force=args.force)
     print(f"{d.action}: {d.model_name} production {_v(d.production_before)} -> {_v(d.production_after)}; {d.reason}")
+    if args.json:  # for the flow's gate task: the recorded decision, without reading the log back
+        print(json.dumps(dataclasses.asdict(d)), flush=True)
 
 
 def cmd_rollback(params: Params, args: argparse.Namespace) -> None:
@@ -205,6 +222,7 @@ def _registry_commands(sub) -> None:
     promote = sub.add_parser("promote", help=cmd_promote.__doc__)
     promote.add_argument("--version", help="promote this version instead of @candidate")
     promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    promote.add_argument("--json", action="store_true", help="also print the decision as one JSON line")
     promote.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help=cmd_rollback.__doc__).set_defaults(func=cmd_rollback)
     model_help = "MLflow model URI (default: models:/<register.model_name>@production)"

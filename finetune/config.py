@@ -169,6 +169,11 @@ class TrainConfig(Section):
     deterministic: bool
     workers: int | Literal["auto"]
     max_steps: int | None = Field(ge=1)  # per epoch; for smoke tests, null = the whole epoch
+    decode_cache: bool  # read images decoded once (cache:) and augment uint8 tensors
+    compile: bool | Literal["auto"]  # torch.compile; auto: on CUDA only
+    cached_features: bool  # frozen epochs train the head on backbone features computed once per view
+    feature_views: int = Field(ge=1)  # augmented views per train image for cached features
+    nproc_per_node: int = Field(ge=1)  # > 1: DistributedDataParallel over this many processes (torchrun)
 
     @model_validator(mode="after")
     def _gradual_plan(self) -> TrainConfig:
@@ -185,6 +190,14 @@ class PretrainConfig(Section):
 
     data: DataConfig | None
     train: TrainConfig
+
+
+class CacheConfig(Section):
+    """``cache:`` where and how images are kept decoded between epochs, variants and runs."""
+
+    dir: Path  # one folder per data version and sizes; not tracked, rebuilt when missing
+    short_side: int | None = Field(ge=16)  # train images' shorter side; null: model.test_resize
+    workers: int | Literal["auto"]  # processes that decode
 
 
 class EvaluateConfig(Section):
@@ -257,6 +270,7 @@ class Params(Section):
     model: ModelConfig
     pretrain: PretrainConfig
     train: dict[str, TrainConfig] = Field(min_length=1)
+    cache: CacheConfig
     evaluate: EvaluateConfig
     # ``register:`` in the file; BaseModel's metaclass (an ABCMeta) has register().
     register_: RegisterConfig = Field(alias="register")

@@ -38,7 +38,9 @@ def prediction_grid(dataset, probs: torch.Tensor, truth: torch.Tensor, classes: 
         ax.axis("off")
     for ax, index in zip(axes.flat, shown, strict=False):
         image, _ = dataset[index]
-        ax.imshow((image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+        # uint8 from the decode cache, or normalised floats from the PIL transforms
+        shown_image = image.float() / 255 if image.dtype == torch.uint8 else (image * std + mean).clamp(0, 1)
+        ax.imshow(shown_image.permute(1, 2, 0).numpy())
         predicted = int(probs[index].argmax())
         right = predicted == int(truth[index])
         ax.set_title(f"{classes[int(truth[index])]}\n→ {classes[predicted]} {probs[index, predicted]:.2f}",

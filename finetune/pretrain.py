@@ -42,7 +42,7 @@ def pretrain(params: Params, out: Path, project: Path = Path(".")) -> Path | Non
     m = params.model
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     runtime = resolve_runtime(cfg.train)
-    train_loader, test_loader, classes = loaders(m, cfg.train, dataset, files, runtime.device.type == "cuda")
+    train_loader, test_loader, classes = loaders(params, cfg.train, dataset, files, runtime.device.type == "cuda", project)
     model = build_model(m.arch, "none", len(classes))
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
     tracking.use_store(project)

@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from finetune.config import TrainConfig
+from finetune.data.decoded import normalize
+from finetune.distributed import SINGLE, Dist, interleave
+from finetune.features import extract_features, feature_views, head_epoch, head_only
 from finetune.files import write_atomic
 from finetune.model import BLOCKS, block_modules, freeze, param_groups, train_mode, unfreeze
 from finetune.progress import Progress
@@ -44,6 +48,7 @@ class EpochStats:
     images_per_s: float
     seconds: float
     lrs: dict[str, float] = field(default_factory=dict)
+    features_seconds: float = 0.0  # computing cached backbone features before this epoch (if it did)
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,12 @@ def _block_params(model: nn.Module, block: str) -> list[nn.Parameter]:
 # --- one epoch -----------------------------------------------------------------------------------
 
 
-def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, progress: Progress | None = None):
-    """One pass over ``loader``; returns (mean loss per image, accuracy, images seen)."""
+def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, progress: Progress | None = None,
+                world: int = 1):
+    """One pass over ``loader``; returns (summed loss over images, images right, images seen).
+
+    ``world``: processes under DDP, which averages their gradients; a summed loss is scaled by
+    it so that a step means what it means in one process."""
     train_mode(model)  # frozen BatchNorm stays in inference mode
     loss_fn = nn.CrossEntropyLoss(reduction=cfg.loss)
     scaler = torch.amp.GradScaler("cuda") if runtime.dtype == torch.float16 and runtime.device.type == "cuda" else None
@@ -170,13 +179,14 @@ def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, pr
         with _autocast(runtime):
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
+            objective = loss * world if cfg.loss == "sum" else loss
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             optimizer.step()
         batch = labels.numel()
         total_loss += loss.item() * (batch if cfg.loss == "mean" else 1)
@@ -184,7 +194,7 @@ def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, pr
         seen += batch
         if progress is not None:
             progress.update(batch)
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+    return total_loss, correct, seen
 
 
 @torch.inference_mode()
@@ -205,6 +215,8 @@ def predict(model, loader, runtime: Runtime, max_steps: int | None = None) -> tu
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
     images = images.to(runtime.device, non_blocking=True)
+    if images.dtype == torch.uint8:  # from the decode cache: a quarter of the bytes to move
+        images = normalize(images)
     if runtime.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(runtime.device, non_blocking=True)
@@ -221,13 +233,14 @@ def _autocast(runtime: Runtime):
 
 def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: Runtime, out_dir: Path, *,
         fingerprint: str, checkpoint: dict | None = None, extra: dict | None = None,
-        on_epoch: Callable[[EpochStats], None] | None = None) -> list[EpochStats]:
+        on_epoch: Callable[[EpochStats], None] | None = None, dist: Dist = SINGLE) -> list[EpochStats]:
     """Train ``model`` for ``cfg.epochs``, continuing from ``checkpoint`` (see load_checkpoint).
 
-    Checkpoints go to ``out_dir`` after every epoch, tagged with ``fingerprint`` (settings,
-    data, starting weights) and holding ``extra`` (e.g. the MLflow run id). ``on_epoch`` is
-    called with each epoch's stats before its checkpoint is written, so that a crash in between
-    repeats the epoch rather than losing its record.
+    Checkpoints go to ``out_dir`` after every epoch (rank 0 only), tagged with ``fingerprint``
+    (settings, data, starting weights) and holding ``extra`` (e.g. the MLflow run id).
+    ``on_epoch`` is called with each epoch's stats before its checkpoint is written, so that a
+    crash in between repeats the epoch rather than losing its record. Epochs with a frozen
+    backbone train the head on cached features (``cfg.cached_features``).
     """
     model.to(runtime.device)
     if runtime.channels_last:
@@ -235,40 +248,84 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: 
     freeze(model, initial_frozen(cfg))
     optimizer = make_optimizer(model, cfg)
     history = resume(checkpoint, model, optimizer, cfg) if checkpoint else []
+    network, features = None, None
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         block = unfreeze_for_epoch(model, optimizer, cfg, epoch)
         if block:
             log.info("epoch %d: unfroze %s (lr %.2g)", epoch, block, cfg.lr * cfg.unfreeze_lr_mult)
+            network = None  # DDP and compile must see the new set of trainable parameters
         apply_schedule(optimizer, cfg, epoch)
-        stats = run_epoch(model, train_loader, test_loader, optimizer, runtime, cfg, epoch)
+        if head_only(cfg, epoch):
+            if features is None:
+                features = extract_features(model, train_loader, test_loader, runtime, feature_views(cfg, epoch), dist)
+            stats = _report(head_epoch(model, features, optimizer, cfg, epoch), cfg)
+        else:
+            network = network or training_network(model, runtime, cfg, dist)
+            stats = run_epoch(network, model, train_loader, test_loader, optimizer, runtime, cfg, epoch, dist)
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        save_checkpoint(out_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "fingerprint": fingerprint,
-            "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
-        })
+        if dist.main:
+            save_checkpoint(out_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch, "fingerprint": fingerprint,
+                "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
+            })
+        dist.barrier()
     return history
 
 
-def run_epoch(model, train_loader, test_loader, optimizer, runtime: Runtime, cfg: TrainConfig, epoch: int) -> EpochStats:
-    """Train one epoch, evaluate on the test loader, log the one summary line."""
+def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist: Dist) -> nn.Module:
+    """What the live epochs run: ``model``, wrapped in DistributedDataParallel under torchrun and
+    compiled when ``cfg.compile`` says so (auto: on CUDA, where it pays for its compile time)."""
+    network = model
+    if dist.active:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        network = DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile is True or (cfg.compile == "auto" and runtime.device.type == "cuda"):
+        network = torch.compile(network)
+    return network
+
+
+def run_epoch(network, model, train_loader, test_loader, optimizer, runtime: Runtime, cfg: TrainConfig,
+              epoch: int, dist: Dist = SINGLE) -> EpochStats:
+    """Train one epoch through ``network``, evaluate ``model`` on the test loader (each process
+    its share; sums over processes), log the one summary line."""
     lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    if hasattr(train_loader.sampler, "set_epoch"):
+        train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a new order every epoch
     started = time.perf_counter()
-    total = len(train_loader.dataset) if cfg.max_steps is None else min(
-        len(train_loader.dataset), cfg.max_steps * cfg.batch_size)
+    total = len(train_loader.sampler) if cfg.max_steps is None else min(
+        len(train_loader.sampler), cfg.max_steps * train_loader.batch_size)
     with Progress(f"epoch {epoch}/{cfg.epochs}", total=total, unit="img") as bar:
-        loss, acc, seen = train_epoch(model, train_loader, optimizer, runtime, cfg, bar)
+        loss_sum, correct, seen = train_epoch(network, train_loader, optimizer, runtime, cfg, bar, dist.world)
     seconds = time.perf_counter() - started
     probs, truth = predict(model, test_loader, runtime, cfg.max_steps)
-    test_acc = (probs.argmax(1) == truth).float().mean().item()
-    stats = EpochStats(epoch, loss, acc, test_acc, seen / seconds, seconds, lrs)
-    log.info("epoch %d/%d: train loss %.4f, train acc %.3f, test acc %.3f, %.1f img/s, %.1f s",
-             epoch, cfg.epochs, loss, acc, test_acc, stats.images_per_s, seconds)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"epoch {epoch}: the training loss is {loss}; lower train lr")
+    loss_sum, correct, seen, right, tested = dist.sum(
+        [loss_sum, correct, seen, (probs.argmax(1) == truth).sum().item(), len(truth)])
+    stats = EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), right / max(tested, 1),
+                       seen / seconds, seconds, lrs)
+    return _report(stats, cfg)
+
+
+def _report(stats: EpochStats, cfg: TrainConfig) -> EpochStats:
+    log.info("epoch %d/%d: train loss %.4f, train acc %.3f, test acc %.3f, %.1f img/s, %.2f s",
+             stats.epoch, cfg.epochs, stats.train_loss, stats.train_acc, stats.test_acc, stats.images_per_s,
+             stats.seconds)
+    if not math.isfinite(stats.train_loss):
+        raise FloatingPointError(f"epoch {stats.epoch}: the training loss is {stats.train_loss}; lower train lr")
     return stats
+
+
+def predict_all(model, loader, runtime: Runtime, dist: Dist = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and labels of the whole test set in its order, each process scoring its
+    strided share (see loaders) and every process receiving all."""
+    probs, truth = predict(model, loader, runtime)
+    if not dist.active:
+        return probs, truth
+    parts = dist.gather((probs, truth))
+    total = sum(len(t) for _, t in parts)
+    return interleave([p for p, _ in parts], total), interleave([t for _, t in parts], total)
 
 
 def fingerprint_of(*parts: object) -> str:

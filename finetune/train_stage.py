@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,16 +19,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from finetune import plots, tracking
+from finetune import distributed, plots, tracking
 from finetune.classifier import save_final
-from finetune.config import ModelConfig, Params, TrainConfig
+from finetune.config import Params, TrainConfig
 from finetune.data.archive import file_digest
+from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache, tensor_train_transform
 from finetune.data.images import eval_transform, load_splits, train_transform
+from finetune.distributed import SINGLE, Dist
 from finetune.files import write_atomic
 from finetune.model import build_model
-from finetune.train import EpochStats, fingerprint_of, fit, load_checkpoint, predict, resolve_runtime, seed_everything, worker_count
+from finetune.train import (EpochStats, Runtime, fingerprint_of, fit, load_checkpoint, predict_all, resolve_runtime,
+                            seed_everything, worker_count)
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -53,14 +58,39 @@ class Paths:
 
 
 def train_variant(params: Params, variant: str, paths: Paths, project: Path = Path(".")) -> TrainResult:
-    """Train ``params.train[variant]`` on the validated files of ``data.dir``; write the outputs."""
+    """Train ``params.train[variant]`` on the validated files of ``data.dir``; write the outputs.
+
+    Under torchrun every process trains its share; rank 0 alone logs to MLflow and writes."""
     cfg = params.train[variant]
-    seed_everything(cfg.seed, cfg.deterministic)
     runtime = resolve_runtime(cfg)
-    train_loader, test_loader, classes = loaders(params.model, cfg, project / params.data.dir,
-                                                 project / params.validate_.files, runtime.device.type == "cuda")
+    dist = distributed.start(runtime.device.type)
+    try:
+        runtime = _local_device(runtime, dist)
+        if not dist.main:  # one voice: rank 0 logs progress and results
+            logging.getLogger("finetune").setLevel(logging.WARNING)
+        seed_everything(cfg.seed, cfg.deterministic)  # the same new head in every process
+        return _train(params, variant, cfg, runtime, paths, project, dist)
+    finally:
+        distributed.stop(dist)
+
+
+def _local_device(runtime: Runtime, dist: Dist) -> Runtime:
+    """cuda → cuda:<local rank> under torchrun (one GPU per process)."""
+    if not dist.active or runtime.device.type != "cuda":
+        return runtime
+    torch.cuda.set_device(dist.local_rank)
+    return Runtime(torch.device("cuda", dist.local_rank), runtime.dtype, runtime.channels_last)
+
+
+def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, paths: Paths, project: Path,
+           dist: Dist) -> TrainResult:
+    train_loader, test_loader, classes = loaders(params, cfg, project / params.data.dir,
+                                                 project / params.validate_.files, runtime.device.type == "cuda",
+                                                 project, dist)
     weights = params.model.weights if cfg.init == "pretrained" else "none"
     model = build_model(params.model.arch, _weights_path(weights, project), len(classes))
+    if dist.active:
+        seed_everything(cfg.seed + dist.rank, cfg.deterministic)  # but other crops in each process
     settings = {"variant": variant, "train": cfg.model_dump(), "model": params.model.model_dump(mode="json"),
                 "classes": classes, "weights": weights}
     version = tracking.data_version(project, params.data.dir)
@@ -71,34 +101,70 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
     previous = _read_run_file(out, fingerprint)
     checkpoint = load_checkpoint(out, fingerprint) if previous else None
     commit = tracking.git_commit(project)
-    with start_run(params, variant, out, fingerprint, project, previous, version, commit) as run:
-        if checkpoint is None:
-            log_setup(settings, cfg, version, commit, project, params, len(train_loader.dataset),
-                      len(test_loader.dataset))
-        mlflow.set_tags(tracking.runtime_tags(runtime.device, runtime.precision))
+    test_ds, n_train = full_dataset(test_loader), len(full_dataset(train_loader))
+    run = start_run(params, variant, out, fingerprint, project, previous, version, commit) if dist.main else nullcontext()
+    with run as active:
+        if dist.main:
+            if checkpoint is None:
+                log_setup(settings, cfg, version, commit, project, params, n_train, len(test_ds))
+            mlflow.set_tags(tracking.runtime_tags(runtime.device, runtime.precision) | {"processes": str(dist.world)})
+        extra = {"mlflow_run_id": active.info.run_id if dist.main else "", "settings": settings}
         history = fit(model, train_loader, test_loader, cfg, runtime, out, fingerprint=fingerprint,
-                      checkpoint=checkpoint, extra={"mlflow_run_id": run.info.run_id, "settings": settings},
-                      on_epoch=log_epoch)
-        probs, truth = predict(model, test_loader, runtime)
+                      checkpoint=checkpoint, extra=extra, on_epoch=log_epoch if dist.main else None, dist=dist)
+        probs, truth = predict_all(model, test_loader, runtime, dist)
         test_acc = (probs.argmax(1) == truth).float().mean().item()
         model_path = out / "model.pt"
-        save_final(model_path, model, classes, params.model.arch, settings, fingerprint=fingerprint,
-                   mlflow_run_id=run.info.run_id, test_acc=test_acc)
-        write_outputs(paths, project, history, test_acc, len(train_loader.dataset), len(test_loader.dataset))
-        log_results(model, history, test_loader.dataset, probs, truth, classes, params, project, paths)
-        _write_run_file(out, fingerprint, run.info.run_id, complete=True)
-    log.info("%s: test accuracy %.3f after %d epochs (MLflow run %s)", variant, test_acc, cfg.epochs, run.info.run_id)
-    return TrainResult(variant, test_acc, history, run.info.run_id, model_path)
+        if dist.main:
+            save_final(model_path, model, classes, params.model.arch, settings, fingerprint=fingerprint,
+                       mlflow_run_id=active.info.run_id, test_acc=test_acc)
+            write_outputs(paths, project, history, test_acc, n_train, len(test_ds))
+            log_results(model, history, test_ds, probs, truth, classes, params, project, paths)
+            _write_run_file(out, fingerprint, active.info.run_id, complete=True)
+    run_id = extra["mlflow_run_id"]
+    log.info("%s: test accuracy %.3f after %d epochs (MLflow run %s)", variant, test_acc, cfg.epochs, run_id)
+    return TrainResult(variant, test_acc, history, run_id, model_path)
 
 
-def loaders(m: ModelConfig, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool):
-    """Train (shuffled, augmented) and test loaders over the file list of ``root``; the classes."""
+def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool, project: Path = Path("."),
+            dist: Dist = SINGLE):
+    """Train (shuffled, augmented) and test loaders over the file list of ``root``; the classes.
+
+    With ``cfg.decode_cache`` they read the decode cache (built here first if missing). Under
+    torchrun each process gets a DistributedSampler share of train and the strided share
+    ``rank, rank + world, ...`` of test, and ``batch_size / world`` images per step."""
+    m = params.model
     train_ds, test_ds, classes = load_splits(
         root, files_csv, train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
+    if cfg.decode_cache:
+        train_ds, test_ds = decoded_splits(params, train_ds, test_ds, project, dist)
     workers = worker_count(cfg.workers)
-    options = {"batch_size": cfg.batch_size, "num_workers": workers, "pin_memory": pin,
+    options = {"batch_size": max(1, cfg.batch_size // dist.world), "num_workers": workers, "pin_memory": pin,
                "persistent_workers": workers > 0}
-    return DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, shuffle=False, **options), classes
+    if not dist.active:
+        return DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, shuffle=False, **options), classes
+    sampler = DistributedSampler(train_ds, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
+    test_share = Subset(test_ds, range(dist.rank, len(test_ds), dist.world))
+    return DataLoader(train_ds, sampler=sampler, **options), DataLoader(test_share, **options), classes
+
+
+def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE):
+    """The train and test datasets read from the decode cache (rank 0 builds it if missing)."""
+    m = params.model
+    sizes = Sizes(params.cache.short_side or m.test_resize, m.test_resize, m.test_crop, m.resize_mode)
+    version = tracking.data_version(project, Path(os.path.relpath(train_ds.root, project)))
+    folder = project / params.cache.dir / cache_key(train_ds, test_ds, sizes, version)
+    if dist.main:
+        workers = (os.cpu_count() or 1) if params.cache.workers == "auto" else params.cache.workers
+        ensure_cache(folder, train_ds, test_ds, sizes, workers)
+    dist.barrier()
+    return (DecodedDataset(folder, "train", train_ds.labels, tensor_train_transform(m.train_crop)),
+            DecodedDataset(folder, "test", test_ds.labels))
+
+
+def full_dataset(loader: DataLoader):
+    """The whole dataset behind ``loader`` (under torchrun the test loader reads a Subset)."""
+    dataset = loader.dataset
+    return dataset.dataset if isinstance(dataset, Subset) else dataset
 
 
 def start_run(params: Params, variant: str, out: Path, fingerprint: str, project: Path,
@@ -162,6 +228,8 @@ def log_epoch(stats: EpochStats) -> None:
     values = {"train_loss": stats.train_loss, "train_acc": stats.train_acc, "test_acc": stats.test_acc,
               "images_per_s": stats.images_per_s, "epoch_seconds": stats.seconds}
     values |= {f"lr_{group}": lr for group, lr in stats.lrs.items()}
+    if stats.features_seconds:
+        values["features_seconds"] = stats.features_seconds
     mlflow.log_metrics(values, step=stats.epoch)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from finetune.config import load_params
-from tasks.dvc import StageRun, fetch_stage, run_stage, stage_order
+from tasks.dvc import StageRun, fetch_stage, run_stage, stage_order, stale_stages, up_to_date
 from tasks.lock import workspace_lock
 from tasks.notify import notify
 from tasks.registry import promotion_gate
@@ -26,12 +26,18 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the report, notifications.
     Call it inside a flow, holding the workspace lock."""
     logger = get_run_logger()
-    runs = []
+    runs: list[StageRun] = []
+    # One `dvc status` instead of a `dvc repro` process per unchanged stage (about 1 s each).
+    # Once a stage has run, every later one goes through `dvc repro`, which skips it if its
+    # inputs came out the same.
+    stale = stale_stages(root)
     for stage in stage_order(root):
-        if stage == "fetch":
-            runs.append(fetch_stage(stage, root, force=refresh))
+        if stage == "fetch" and refresh:
+            runs.append(fetch_stage(stage, root, force=True))
+        elif stage not in stale and all(run.skipped for run in runs):
+            runs.append(up_to_date(stage))
         else:
-            runs.append(run_stage(stage, root))
+            runs.append((fetch_stage if stage == "fetch" else run_stage)(stage, root))
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)

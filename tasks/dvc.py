@@ -46,6 +46,19 @@ def stage_order(workspace: Path) -> list[str]:
         return [stage.name for stage in stages if getattr(stage, "name", None)]
 
 
+def stale_stages(workspace: Path) -> set[str]:
+    """The stages that `dvc status` finds changed (deps, params, outs, command, or never run)."""
+    with Repo(str(workspace)) as repo:
+        return {name.rpartition(":")[2] for name in repo.status()}
+
+
+@task(name="dvc-stage", task_run_name="dvc repro {stage}")
+def up_to_date(stage: str) -> StageRun:
+    """A stage that `dvc status` found unchanged, with nothing upstream rerun: no process to start."""
+    get_run_logger().info("Stage '%s' %s (dvc status)", stage, _SKIPPED)
+    return StageRun(stage, 0.0, True)
+
+
 def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from finetune.config import load_params
-from finetune.registry import promotion_log
 from tasks.dvc import stream
 
 
@@ -20,8 +19,10 @@ class GateFailed(RuntimeError):
 def promotion_gate(workspace: Path) -> dict:
     """`python -m finetune promote` in ``workspace`` (a process of its own, like the stages):
     production moves only if the candidate wins. Returns the recorded decision."""
-    returncode, _ = stream([sys.executable, "-m", "finetune", "promote"], workspace, get_run_logger())
+    # The decision comes back on the command's last line: this process need not import MLflow
+    # and torch (seconds) to read the promotion log.
+    returncode, lines = stream([sys.executable, "-m", "finetune", "promote", "--json"], workspace, get_run_logger())
     if returncode != 0:
         raise GateFailed(f"`python -m finetune promote` failed in {workspace} (exit {returncode}); "
                          "its output is in the lines above")
-    return promotion_log(load_params(workspace / "params.yaml"), workspace)[-1]
+    return json.loads(next(line for line in reversed(lines) if line.startswith("{")))

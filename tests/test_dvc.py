@@ -47,6 +47,19 @@ def test_status_is_clean_and_a_second_repro_runs_nothing(workspace):
     assert (workspace / "dvc.lock").read_text() == lock
 
 
+def test_stale_stages_names_what_dvc_would_run(workspace):
+    from tasks.dvc import stale_stages
+
+    assert stale_stages(workspace) == set()
+    params = (workspace / "params.yaml").read_text()
+    write_params(workspace / "params.yaml", workspace / "params.yaml", {"train.scratch.seed": 7})
+    try:
+        assert stale_stages(workspace) == {"train@scratch"}  # the flow runs it and what follows
+    finally:
+        (workspace / "params.yaml").write_text(params)
+    assert stale_stages(workspace) == set()
+
+
 def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
     before = tree_digest(workspace / "data" / "hotdog")
     lock = (workspace / "dvc.lock").read_text()

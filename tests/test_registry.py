@@ -58,6 +58,7 @@ def test_register_tags_the_winner_and_sets_candidate(project):
     record = json.loads((project / params(project).register_.record).read_text())
     assert record["version"] == registration.version
     # The registered model carries its config: params.yaml and the checkpoint with its settings.
+    (project / "downloaded").mkdir()
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{registration.model_name}/{registration.version}",
                                                       dst_path=str(project / "downloaded")))
     assert (folder / "artifacts" / "params.yaml").read_text() == (project / "params.yaml").read_text()

@@ -69,8 +69,8 @@ def fit_tiny(project: Path, **changes):
     write_params(project / "params.yaml", project / "params.yaml", tiny_train(**changes))
     params = load_params(project / "params.yaml")
     cfg = params.train["finetune"]
-    train_loader, test_loader, classes = loaders(params.model, cfg, project / params.data.dir,
-                                                 project / params.validate_.files, pin=False)
+    train_loader, test_loader, classes = loaders(params, cfg, project / params.data.dir,
+                                                 project / params.validate_.files, pin=False, project=project)
     model = build_model("resnet18", "none", len(classes))
     return model, lambda **kw: fit(model, train_loader, test_loader, cfg, resolve_runtime(cfg),
                                    project / "models" / "t", fingerprint="t", **kw)
@@ -142,6 +142,7 @@ def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monk
     import mlflow.pytorch
 
     (logged,) = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == result.run_id]
+    Path("downloaded").mkdir()
     loaded = mlflow.pytorch.load_model(f"models:/{logged.model_id}", dst_path="downloaded")
     with torch.inference_mode():
         assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
