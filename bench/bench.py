@@ -2,7 +2,8 @@
 pipeline's own costs (dvc repro, no-op dvc repro, Prefect overhead).
 
 On the same data (the demo workspace's generated dataset unless --workspace names another),
-the same model and starting weights, the same epochs, crops and optimiser settings:
+the same model and starting weights, the same epochs, crops and optimiser settings (the
+recipe's: params.yaml's train.finetune, batch 128):
 
 (a) plain: the book's loop: PIL decode + transforms every epoch, fp32, contiguous tensors,
     DataLoader(shuffle, num_workers=4), plain SGD at the recipe's rates;
@@ -47,10 +48,13 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def settings(ws: Path, epochs: int, crop: int, resize: int, device: str, strategy: str = "full",
              cache: Path | None = None) -> Params:
-    """The workspace's params with the recipe's image sizes and the bench's epochs and device."""
+    """The workspace's data and weights; the project's own train.finetune defaults (the recipe:
+    batch 128, its learning rates), not the demo's laptop-sized ones; the bench's image sizes,
+    epochs and device."""
     params = load_params(ws / "params.yaml")
     model = params.model.model_copy(update={"train_crop": crop, "test_resize": resize, "test_crop": crop})
-    cfg = params.train["finetune"].model_copy(update={"epochs": epochs, "device": device, "strategy": strategy})
+    defaults = load_params(REPO / "params.yaml").train["finetune"]
+    cfg = defaults.model_copy(update={"epochs": epochs, "device": device, "strategy": strategy})
     update = {"model": model, "train": {**params.train, "finetune": cfg}}
     if cache is not None:
         update["cache"] = params.cache.model_copy(update={"dir": cache})
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/bench.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, help="a DVC workspace with validated data (default: the demo's)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5, help="the recipe's 5")
     parser.add_argument("--crop", type=int, default=224, help="train/test crop (the recipe: 224)")
     parser.add_argument("--resize", type=int, default=256, help="test resize (the recipe: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -215,10 +215,10 @@ def predict(model, loader, runtime: Runtime, max_steps: int | None = None) -> tu
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
     images = images.to(runtime.device, non_blocking=True)
-    if images.dtype == torch.uint8:  # from the decode cache: a quarter of the bytes to move
-        images = normalize(images)
-    if runtime.channels_last:
+    if runtime.channels_last:  # before normalising: copying uint8 moves a quarter of the bytes
         images = images.contiguous(memory_format=torch.channels_last)
+    if images.dtype == torch.uint8:  # from the decode cache; the result keeps channels_last
+        images = normalize(images)
     return images, labels.to(runtime.device, non_blocking=True)
 
 
@@ -260,7 +260,9 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: 
                 features = extract_features(model, train_loader, test_loader, runtime, feature_views(cfg, epoch), dist)
             stats = _report(head_epoch(model, features, optimizer, cfg, epoch), cfg)
         else:
-            network = network or training_network(model, runtime, cfg, dist)
+            features = None  # the frozen phase is over: free the cached features
+            if network is None:
+                network = training_network(model, runtime, cfg, dist)
             stats = run_epoch(network, model, train_loader, test_loader, optimizer, runtime, cfg, epoch, dist)
         history.append(stats)
         if on_epoch is not None:

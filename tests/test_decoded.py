@@ -111,3 +111,13 @@ def test_shrink_never_enlarges_and_normalize_matches_the_float_transform():
     expected = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(array)
     got = normalize(torch.from_numpy(array).permute(2, 0, 1)[None])[0]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_from_the_cache_are_normalised_on_the_device(channels_last):
+    from finetune.train import Runtime, _to_device
+
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    images, labels = _to_device(batch, torch.tensor([0, 1]), Runtime(torch.device("cpu"), None, channels_last))
+    assert images.dtype == torch.float32 and torch.allclose(images, normalize(batch))
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -182,6 +182,6 @@ def tensor_train_transform(crop: int) -> v2.Compose:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW → float, scaled to [0, 1] and normalised with the ImageNet mean and std."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float().div_(255) - mean) / std
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    scale = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    return images.float().sub_(mean).mul_(scale)  # (x / 255 - mean) / std, in one new tensor
