@@ -30,7 +30,6 @@ class Features:
     train: list[tuple[torch.Tensor, torch.Tensor]]
     test: tuple[torch.Tensor, torch.Tensor]
     seconds: float
-    spent: bool = False  # whether an epoch already reported ``seconds`` as its feature time
 
 
 def frozen_epochs(cfg: TrainConfig) -> int:
@@ -104,9 +103,9 @@ def _everyone(pair: tuple[torch.Tensor, torch.Tensor], dist) -> tuple[torch.Tens
 def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: int):
     """One epoch of the output layer over the cached features of view ``(epoch - 1) mod views``,
     then its accuracy on the cached test features. Every process computes the same."""
-    from finetune.train import EpochStats
+    from finetune.train import EpochStats, group_lrs
 
-    lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    lrs = group_lrs(optimizer)
     inputs, labels = features.train[(epoch - 1) % len(features.train)]
     loss_fn = nn.CrossEntropyLoss(reduction=cfg.loss)
     # The same order in every process (torchrun): a generator of its own, seeded by the epoch.
@@ -130,6 +129,5 @@ def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: in
     with torch.inference_mode():
         test_inputs, test_labels = features.test
         test_acc = (model.fc(test_inputs).argmax(1) == test_labels).float().mean().item()
-    spent, features.spent = (0.0 if features.spent else features.seconds), True
     return EpochStats(epoch, total_loss / max(seen, 1), correct / max(seen, 1), test_acc,
-                      seen / max(seconds, 1e-9), seconds, lrs, features_seconds=spent)
+                      seen / max(seconds, 1e-9), seconds, lrs)

@@ -256,15 +256,17 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: 
             network = None  # DDP and compile must see the new set of trainable parameters
         apply_schedule(optimizer, cfg, epoch)
         if head_only(cfg, epoch):
-            if features is None:
+            extracting = features is None
+            if extracting:
                 features = extract_features(model, train_loader, test_loader, runtime, feature_views(cfg, epoch), dist)
-            stats = _report(head_epoch(model, features, optimizer, cfg, epoch), cfg)
+            stats = head_epoch(model, features, optimizer, cfg, epoch)
+            stats.features_seconds = features.seconds if extracting else 0.0
         else:
             features = None  # the frozen phase is over: free the cached features
             if network is None:
                 network = training_network(model, runtime, cfg, dist)
             stats = run_epoch(network, model, train_loader, test_loader, optimizer, runtime, cfg, epoch, dist)
-        history.append(stats)
+        history.append(_report(stats, cfg))
         if on_epoch is not None:
             on_epoch(stats)
         if dist.main:
@@ -292,8 +294,8 @@ def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist:
 def run_epoch(network, model, train_loader, test_loader, optimizer, runtime: Runtime, cfg: TrainConfig,
               epoch: int, dist: Dist = SINGLE) -> EpochStats:
     """Train one epoch through ``network``, evaluate ``model`` on the test loader (each process
-    its share; sums over processes), log the one summary line."""
-    lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
+    its share; sums over processes)."""
+    lrs = group_lrs(optimizer)
     if hasattr(train_loader.sampler, "set_epoch"):
         train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a new order every epoch
     started = time.perf_counter()
@@ -305,12 +307,17 @@ def run_epoch(network, model, train_loader, test_loader, optimizer, runtime: Run
     probs, truth = predict(model, test_loader, runtime, cfg.max_steps)
     loss_sum, correct, seen, right, tested = dist.sum(
         [loss_sum, correct, seen, (probs.argmax(1) == truth).sum().item(), len(truth)])
-    stats = EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), right / max(tested, 1),
-                       seen / seconds, seconds, lrs)
-    return _report(stats, cfg)
+    return EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), right / max(tested, 1),
+                      seen / seconds, seconds, lrs)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each parameter group's current lr, by group name."""
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def _report(stats: EpochStats, cfg: TrainConfig) -> EpochStats:
+    """Log an epoch's one summary line; stop on a loss that is not a number."""
     log.info("epoch %d/%d: train loss %.4f, train acc %.3f, test acc %.3f, %.1f img/s, %.2f s",
              stats.epoch, cfg.epochs, stats.train_loss, stats.train_acc, stats.test_acc, stats.images_per_s,
              stats.seconds)

@@ -75,3 +75,15 @@ def write_dataset(root: Path, train: int = 3, test: int = 2,
                 seed += 1
                 (folder / f"{i:04d}.jpg").write_bytes(rgb_jpeg(seed))
     return root
+
+
+def write_content(path: Path, content) -> Path:
+    """A file for a bad-input test: bytes as they are, any other object through torch.save,
+    None: no file at all."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        import torch
+
+        torch.save(content, path)
+    return path

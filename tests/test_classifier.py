@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from images import ODDITIES, encode, huge_png, photo
+from images import ODDITIES, encode, huge_png, photo, write_content
 from models import CLASSES, biased
 
 from finetune.classifier import (CheckpointError, ImageError, decode_image, describe, load_classifier,
@@ -69,11 +69,7 @@ def test_checkpoint_round_trip_keeps_preprocessing_and_info(tmp_path):
 @pytest.mark.parametrize(("content", "message"), [(None, "does not exist"), (b"garbage", "not a readable"),
                                                   ({"model": {}}, "lacks")])
 def test_bad_checkpoints_are_named(tmp_path, content, message):
-    path = tmp_path / "model.pt"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        torch.save(content, path)
+    path = write_content(tmp_path / "model.pt", content)
     with pytest.raises(CheckpointError, match=message) as caught:
         load_classifier(path)
     assert str(path) in str(caught.value)

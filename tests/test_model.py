@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from images import write_content
 
 from finetune.errors import ConfigError
 from finetune.model import (ARCHS, BLOCKS, IMAGENET, WeightsError, block_modules, build_model, freeze, param_groups,
@@ -100,11 +101,7 @@ def other_shapes() -> dict[str, torch.Tensor]:
     ids=["missing", "not-torch", "a-list", "no-tensors", "other-keys", "other-arch", "other-shapes"],
 )
 def test_bad_weights_files_are_explained(tmp_path, content, phrase):
-    path = tmp_path / "weights.pt"
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
-        torch.save(content, path)
+    path = write_content(tmp_path / "weights.pt", content)
     with pytest.raises(WeightsError, match=phrase) as caught:
         build_model("resnet18", str(path), 2)
     assert str(path) in str(caught.value)
