@@ -32,7 +32,7 @@ test: $(STAMP)
 	exit $$status
 
 # Speed, measured side by side: the plain recipe loop vs the trainer, dvc repro, Prefect overhead
-# (prints a table, writes reports/bench.json and the README's table). BENCH_ARGS: see --help.
+# (prints a table, writes reports/bench.json and the table in docs/speed.md). BENCH_ARGS: see --help.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
@@ -51,7 +51,7 @@ serve: $(STAMP)
 # Scheduled retraining (retrain.cron in params.yaml): a real Prefect server on 127.0.0.1:4200
 # (state in .prefect/) and the retrain deployment served against it; Ctrl-C stops both.
 scheduler: $(STAMP)
-	$(PY) -m flows.scheduler --workspace $(WORKSPACE)
+	$(PY) -m flows.server --workspace $(WORKSPACE)
 
 # The same deployment for a Prefect server with work pools (prefect.yaml): needs PREFECT_API_URL
 # and a process work pool; then `FINETUNE_PROJECT=$$PWD prefect worker start --pool finetune-process`.

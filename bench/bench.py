@@ -11,7 +11,7 @@ recipe's: params.yaml's train.finetune, batch 128):
     the CPU/GPU has it, channels_last, DataLoader workers auto), a cold decode cache included;
 (c) head: the same trainer with strategy freeze (cached features): head-only epochs.
 
-Prints a table, writes JSON (--out) and the README's table between its bench markers.
+Prints a table, writes JSON (--out) and the table of docs/speed.md between its bench markers.
 Numbers are measured here, on this machine; nothing is asserted.
 """
 
@@ -35,15 +35,17 @@ from torch.utils.data import DataLoader
 
 from finetune.config import Params, load_params
 from finetune.data.images import eval_transform, load_splits, train_transform
-from finetune.model import build_model
-from finetune.train import fit, pick_device, predict, resolve_runtime, seed_everything
-from finetune.train_stage import _weights_path, loaders
-from finetune.workspace import stage_env
+from finetune.demo.workspace import stage_env
+from finetune.model.factory import build_model, weights_path
+from finetune.train.loaders import loaders
+from finetune.train.loop import fit
+from finetune.train.runtime import pick_device, predict, resolve_runtime, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 # The book's num_workers=4 on a machine with fewer cores: what the plain loop is, said once here.
 warnings.filterwarnings("ignore", message="This DataLoader will create")
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+SPEED_PAGE = REPO / "docs" / "speed.md"
 
 
 def settings(ws: Path, epochs: int, crop: int, resize: int, device: str, strategy: str = "full",
@@ -72,7 +74,7 @@ def plain_recipe(params: Params, ws: Path) -> dict:
                                              eval_transform(m.test_resize, m.test_crop, m.resize_mode))
     train_iter = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=4)
     test_iter = DataLoader(test_ds, batch_size=cfg.batch_size, num_workers=4)
-    net = build_model(m.arch, _weights_path(params.model.weights, ws), len(classes)).to(device)
+    net = build_model(m.arch, weights_path(params.model.weights, ws), len(classes)).to(device)
     head = {id(p) for p in net.fc.parameters()}
     body = [p for p in net.parameters() if id(p) not in head]
     trainer = torch.optim.SGD([{"params": body}, {"params": net.fc.parameters(), "lr": cfg.lr * cfg.head_lr_mult}],
@@ -114,7 +116,7 @@ def project_trainer(params: Params, ws: Path, name: str) -> dict:
     train_loader, test_loader, classes = loaders(params, cfg, ws / params.data.dir, ws / params.validate_.files,
                                                  runtime.device.type == "cuda", ws)
     cache_s = time.perf_counter() - started
-    model = build_model(m.arch, _weights_path(m.weights, ws), len(classes))
+    model = build_model(m.arch, weights_path(m.weights, ws), len(classes))
     with tempfile.TemporaryDirectory() as out:
         history = fit(model, train_loader, test_loader, cfg, runtime, Path(out), fingerprint="bench")
     predict(model, test_loader, runtime)  # steady state: the loader's persistent workers started
@@ -218,12 +220,13 @@ def _stderr(accuracy: float, n: int) -> float:
     return (accuracy * (1 - accuracy) / max(n, 1)) ** 0.5
 
 
-def write_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
+def write_table(page: Path, text: str) -> None:
+    """Replace the table between the bench markers of ``page`` (a page without them is left alone)."""
+    content = page.read_text()
     if START not in content:
         return
     pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", content))
+    page.write_text(pattern.sub(lambda _: f"{START}\n{text}{END}", content))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resize", type=int, default=256, help="test resize (the recipe: 256)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench.json")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--page", type=Path, default=SPEED_PAGE, help="page whose bench table is rewritten")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the dvc repro / Prefect timings")
     args = parser.parse_args(argv)
     ws = (args.workspace or REPO / load_params(REPO / "params.yaml").demo.workspace).resolve()
@@ -259,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = table(report)
     print(text)
-    if device.type == "cpu" or args.readme != REPO / "README.md":
-        write_readme(args.readme, text)
+    if device.type == "cpu" or args.page != SPEED_PAGE:
+        write_table(args.page, text)
     print(f"written: {args.out}")
     return 0
 

@@ -146,7 +146,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    """``train.<variant>:`` how one variant trains (fine-tune, scratch, ...)."""
+    """``train.<variant>:`` how one variant trains (fine-tune, scratch, ...); also ``train_defaults:``,
+    the recipe that every variant and ``pretrain.train`` merge before their own keys."""
 
     init: Literal["pretrained", "scratch"]
     strategy: Literal["full", "freeze", "gradual"]
@@ -268,6 +269,10 @@ class Params(Section):
     # ``validate:`` in the file; the attribute has a trailing _ because BaseModel has validate().
     validate_: ValidateConfig = Field(alias="validate")
     model: ModelConfig
+    # The recipe that pretrain.train and every train.<variant> merge (YAML `<<: *train_defaults`,
+    # resolved by the YAML loader, so each of those is validated whole); validated itself so that
+    # a typo in it is named where it was made, not only as the same error in every variant.
+    train_defaults: TrainConfig
     pretrain: PretrainConfig
     train: dict[str, TrainConfig] = Field(min_length=1)
     cache: CacheConfig

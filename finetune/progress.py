@@ -66,10 +66,10 @@ class Progress:
 
     def describe(self) -> str:
         """``42% (1.2 MB of 2.9 MB)``, or just the count when the total is unknown."""
-        done = _human(self.done, self.unit)
+        done = human(self.done, self.unit)
         if not self.total:
             return done
-        return f"{self._fraction():.0%} ({done} of {_human(self.total, self.unit)})"
+        return f"{self._fraction():.0%} ({done} of {human(self.total, self.unit)})"
 
     def close(self) -> None:
         """Finish the bar, or log the final count."""
@@ -77,7 +77,7 @@ class Progress:
             self._bar.close()
             self._bar = None
         else:
-            log.info("%s: done, %s", self.desc, _human(self.done, self.unit))
+            log.info("%s: done, %s", self.desc, human(self.done, self.unit))
 
     def _fraction(self) -> float:
         return self.done / self.total if self.total else 0.0
@@ -87,7 +87,8 @@ class Progress:
         return int(self._fraction() / self.every + 1e-9)
 
 
-def _human(value: float, unit: str) -> str:
+def human(value: float, unit: str) -> str:
+    """``value`` for people: bytes with k/M/G prefixes, other units as counted."""
     if unit != "B":
         return f"{value:g} {unit}"
     for prefix in ("", "k", "M", "G"):

@@ -1,4 +1,5 @@
-"""Prefect flows: `pipeline` (the whole chain, the main job), `retrain` (scheduled) and `scheduler`."""
+"""Prefect flows: `pipeline` (the whole chain, the main job) and `retrain` (scheduled), and what
+they need: the workspace lock, notifications, DVC queries and a local Prefect server."""
 
 import os
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from finetune.config import load_params
-from tasks.dvc import StageRun, fetch_stage, run_stage, stage_order, stale_stages, up_to_date
-from tasks.lock import workspace_lock
-from tasks.notify import notify
+from flows.lock import workspace_lock
+from flows.notify import notify
+from flows.plan import stage_order, stale_stages
+from tasks.dvc import StageRun, fetch_stage, run_stage, up_to_date
 from tasks.registry import promotion_gate
 from tasks.report import publish_report
 

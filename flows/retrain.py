@@ -3,7 +3,7 @@ run the pipeline, promote only through the gate, report.
 
 `python -m flows.retrain [--workspace DIR]` serves the deployment `retrain.deployment` with the
 cron schedule `retrain.cron` against the Prefect server at PREFECT_API_URL (`make scheduler`
-starts one on 127.0.0.1); `--now` runs one retraining in this process instead. prefect.yaml
+starts one on 127.0.0.1 with flows/server.py); `--now` runs one retraining in this process instead. prefect.yaml
 declares the same deployment for `prefect deploy` to a process work pool.
 """
 
@@ -19,8 +19,8 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.schedules import Cron
 
 from finetune.config import load_params
+from flows.lock import WorkspaceBusy, workspace_lock
 from flows.pipeline import notify_failure, run_pipeline
-from tasks.lock import WorkspaceBusy, workspace_lock
 
 
 @flow(name="finetune-retrain", on_failure=[notify_failure])

@@ -1,4 +1,4 @@
-"""Running DVC stages as Prefect tasks, with DVC's output in the task logs."""
+"""DVC stages as Prefect tasks (`dvc repro --single-item <stage>`), with DVC's output in the task logs."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import networkx as nx
-from dvc.repo import Repo
 from prefect import get_run_logger, task
 
-from finetune.workspace import stage_env
+from finetune.demo.workspace import stage_env
 
 # What `dvc repro` prints for a stage whose deps, params and outs are unchanged.
 _SKIPPED = "didn't change, skipping"
@@ -33,23 +31,6 @@ class StageRun:
     stage: str
     seconds: float
     skipped: bool
-
-
-def stage_order(workspace: Path) -> list[str]:
-    """The names of the workspace's dvc.yaml stages, upstream first.
-
-    DVC's graph has an edge from each stage to the stages it depends on, so the reverse of a
-    topological order runs every stage after its inputs (.dvc files have no name: left out).
-    """
-    with Repo(str(workspace)) as repo:
-        stages = reversed(list(nx.topological_sort(repo.index.graph)))
-        return [stage.name for stage in stages if getattr(stage, "name", None)]
-
-
-def stale_stages(workspace: Path) -> set[str]:
-    """The stages that `dvc status` finds changed (deps, params, outs, command, or never run)."""
-    with Repo(str(workspace)) as repo:
-        return {name.rpartition(":")[2] for name in repo.status()}
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
@@ -99,7 +80,7 @@ def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]
 _TRANSIENT = ("Could not download", "The server or the connection is failing")
 
 
-def _network_failure(task, task_run, state) -> bool:
+def network_failure(task, task_run, state) -> bool:
     """Retry the stage only when the network failed, not for a bad checksum or archive."""
     try:
         state.result()
@@ -112,4 +93,4 @@ def _network_failure(task, task_run, state) -> bool:
 
 # The download itself retries connection errors and 5xx (data.retries); the task retries the
 # whole stage on top, with a longer backoff, for outages longer than a few seconds.
-fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=_network_failure)
+fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=network_failure)

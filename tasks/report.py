@@ -1,5 +1,6 @@
-"""The pipeline run's report: fine-tuned vs scratch, McNemar, the promotion decision, MLflow ids;
-as Markdown, published as a Prefect artifact with a key (its versions are the run history)."""
+"""The pipeline run's report as a Prefect artifact: the evaluate stage's comparison (the same
+Markdown source as reports/evaluate.md), the registered version, the promotion decision and the
+stages run. Its key makes the artifact's versions the run history."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from finetune.config import Params
+from finetune.evaluate.report import comparison_lines
 
 ARTIFACT_KEY = "finetune-pipeline-report"
-METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
 
 
 def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, stages: list) -> str:
@@ -20,7 +21,7 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
     lines = [f"# Pipeline run: {workspace.name or workspace}", ""]
     metrics_file = workspace / params.evaluate.metrics
     if metrics_file.exists():
-        lines += _comparison(json.loads(metrics_file.read_text()))
+        lines += comparison_lines(json.loads(metrics_file.read_text()))
     record = workspace / params.register_.record
     if record.exists():
         r = json.loads(record.read_text())
@@ -32,18 +33,6 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
     lines += ["", "| stage | DVC | seconds |", "|---|---|---|"]
     lines += [f"| {s.stage} | {'skipped' if s.skipped else 'ran'} | {s.seconds:.1f} |" for s in stages]
     return "\n".join(lines) + "\n"
-
-
-def _comparison(document: dict) -> list[str]:
-    comparison = document["comparison"]
-    a, b = comparison["challenger"], comparison["baseline"]
-    rows = [f"| metric | {a} | {b} | delta |", "|---|---|---|---|"]
-    rows += [f"| {m} | {document[a][m]:.4f} | {document[b][m]:.4f} | {comparison['delta'][m]:+.4f} |"
-             for m in METRICS if m in comparison["delta"]]
-    test = comparison["mcnemar"]
-    rows += ["", f"**McNemar (exact)**: p = {test['p_value']:.4g} ({test['challenger_only']} images only {a} "
-                 f"gets right, {test['baseline_only']} only {b})."]
-    return rows
 
 
 @task(name="pipeline-report")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import socket
 import subprocess
@@ -19,6 +20,18 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri() -> Iterator[None]:
+    """MLflow's set_tracking_uri also sets MLFLOW_TRACKING_URI in os.environ: a test that points
+    MLflow at its own store must not point the stage processes of later tests there too."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @dataclass
@@ -196,7 +209,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a real ``dvc`` command in ``workspace``; with ``check``, it must succeed."""
-    from finetune.workspace import stage_env
+    from finetune.demo.workspace import stage_env
 
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=stage_env(),
                             capture_output=True, text=True)

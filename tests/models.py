@@ -11,11 +11,11 @@ from conftest import REPO
 from images import write_dataset
 from mlflow.tracking import MlflowClient
 
-from finetune import tracking
-from finetune.classifier import save_final
 from finetune.config import load_params
-from finetune.model import build_model
-from finetune.workspace import write_params
+from finetune.demo.workspace import write_params
+from finetune.model.classifier import save_final
+from finetune.model.factory import build_model
+from finetune.tracking.store import parent_run, pipeline_experiment, use_store
 
 CLASSES = ["hotdog", "not-hotdog"]
 MODEL = {"arch": "resnet18", "weights": "none", "train_crop": 16, "test_resize": 16, "test_crop": 16,
@@ -54,9 +54,9 @@ def project_with_data(root: Path, test: dict[str, int], **overrides) -> Path:
 
 def training_run(project: Path, variant: str) -> str:
     """A finished MLflow run for ``variant`` under a pipeline parent run, as the train stage makes."""
-    tracking.use_store(project)
-    experiment = tracking.pipeline_experiment(params(project).data.dir, project)
-    parent = tracking.parent_run(experiment, "test-pipeline", {})
+    use_store(project)
+    experiment = pipeline_experiment(params(project).data.dir, project)
+    parent = parent_run(experiment, "test-pipeline", {})
     run = MlflowClient().create_run(experiment, run_name=variant, tags={"variant": variant,
                                                                         "mlflow.parentRunId": parent})
     MlflowClient().set_terminated(run.info.run_id)

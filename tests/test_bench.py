@@ -1,4 +1,4 @@
-"""bench/bench.py's report: the table, the targets and the README section it rewrites."""
+"""bench/bench.py's report: the table, the targets and the docs/speed.md section it rewrites."""
 
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ def test_targets_are_computed_from_the_runs():
     assert targets["Prefect overhead per run (target < 15 s)"].startswith("8.0 s")
 
 
-def test_the_readme_table_is_replaced_between_its_markers(tmp_path):
-    readme = tmp_path / "README.md"
+def test_the_speed_page_table_is_replaced_between_its_markers(tmp_path):
+    readme = tmp_path / "speed.md"
     readme.write_text(f"# intro\n{bench.START}\nold table\n{bench.END}\ntail\n")
     data = report(12.0, 30.0)
     data["targets"] = bench.targets(data)
-    bench.write_readme(readme, bench.table(data))
+    bench.write_table(readme, bench.table(data))
     text = readme.read_text()
     assert text.startswith("# intro\n") and text.endswith(f"{bench.END}\ntail\n") and "old table" not in text
     assert "| trainer | 30.0 | 4 | 50.0 | 0.7 | 10.0 | 2.5x plain; bf16" in text

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
-from finetune.config import Checksum, load_params
+from finetune.config import Checksum, TrainConfig, load_params
+from finetune.demo.workspace import write_params
 from finetune.errors import ConfigError
-from finetune.workspace import write_params
 
 
 def test_the_repo_params_load_with_the_books_dataset():
@@ -62,6 +63,7 @@ def test_unknown_keys_are_named(tmp_path, extra, message):
         ("data.max_unpacked_mb", "lots", "data.max_unpacked_mb"),
         ("demo.max_side", 20, "max_side \\(20\\) is below min_side"),
         ("demo.num_classes", 1, "demo.num_classes"),
+        ("train_defaults.epochs", 0, "train_defaults.epochs: Input should be greater than or equal to 1"),
     ],
 )
 def test_invalid_values_are_named(tmp_path, key, value, message):
@@ -85,3 +87,109 @@ def test_params_are_immutable():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(Exception):
         params.data.url = "elsewhere"  # type: ignore[misc]
+
+
+# The training settings as params.yaml stated them in full before train_defaults (scratch and
+# pretrain.train were equal); each variant must still read exactly these.
+RECIPE = {
+    "init": "scratch", "strategy": "full", "epochs": 5, "batch_size": 128, "loss": "mean", "lr": 0.064,
+    "head_lr_mult": None, "weight_decay": 7.8125e-6, "momentum": 0.0, "schedule": "none", "step_epochs": 2,
+    "step_gamma": 0.1, "unfreeze": {}, "unfreeze_lr_mult": 0.1, "device": "auto", "precision": "auto",
+    "channels_last": True, "seed": 0, "deterministic": False, "workers": "auto", "max_steps": None,
+    "decode_cache": True, "compile": "auto", "cached_features": True, "feature_views": 2, "nproc_per_node": 1,
+}
+FINETUNE = {"init": "pretrained", "lr": 0.0064, "head_lr_mult": 10}
+REPO_SETTINGS = {"train.finetune": RECIPE | FINETUNE, "train.scratch": RECIPE, "pretrain.train": RECIPE}
+# The demo workspace's settings as the demo.overrides of that time made them.
+DEMO_BATCH = {"epochs": 10, "batch_size": 32, "weight_decay": 3.125e-5}
+DEMO_SETTINGS = {
+    "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.0016},
+    "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.016},
+    "pretrain.train": RECIPE | DEMO_BATCH | {"lr": 0.05, "momentum": 0.9, "schedule": "cosine",
+                                            "weight_decay": 5.0e-4},
+}
+
+
+def _section(tree: dict, dotted: str) -> dict:
+    """The mapping at a dotted key of loaded YAML."""
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _own_keys(text: str, dotted: str) -> set[str]:
+    """The keys that the mapping at ``dotted`` states itself (not through ``<<:``)."""
+    node = yaml.compose(text)
+    for part in dotted.split("."):
+        node = next(value for key, value in node.value if key.value == part)
+    return {key.value for key, _ in node.value} - {"<<"}
+
+
+@pytest.mark.parametrize("variant", sorted(REPO_SETTINGS))
+def test_each_variant_reads_the_whole_recipe_merged(variant):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(_section(raw, variant)) == set(TrainConfig.model_fields)
+    assert _section(raw, variant) == REPO_SETTINGS[variant]
+    typed = load_params(REPO / "params.yaml")
+    loaded = {"train.finetune": typed.train["finetune"], "train.scratch": typed.train["scratch"],
+              "pretrain.train": typed.pretrain.train}
+    assert loaded[variant] == TrainConfig.model_validate(REPO_SETTINGS[variant])
+
+
+def test_the_recipe_is_stated_once_and_variants_list_only_their_changes():
+    text = (REPO / "params.yaml").read_text()
+    raw = yaml.safe_load(text)
+    changed = {k for k, v in raw["train"]["finetune"].items() if raw["train"]["scratch"][k] != v}
+    assert changed == {"init", "lr", "head_lr_mult"}
+    assert raw["train_defaults"] == raw["train"]["scratch"] == raw["pretrain"]["train"]
+    own = {name: _own_keys(text, name) for name in REPO_SETTINGS}
+    assert own == {"train.finetune": {"init", "lr", "head_lr_mult"}, "train.scratch": set(), "pretrain.train": set()}
+    assert text.count("The book sums the per-example loss") == 1
+
+
+def test_the_demo_overrides_give_the_demo_its_former_settings(tmp_path):
+    path = tmp_path / "params.yaml"
+    overrides = load_params(REPO / "params.yaml").demo.overrides
+    write_params(REPO / "params.yaml", path, overrides)
+    raw = yaml.safe_load(path.read_text())
+    assert {name: _section(raw, name) for name in DEMO_SETTINGS} == DEMO_SETTINGS
+    assert load_params(path).model.train_crop == 64
+    # Each value once: no variant's own override repeats what it gets from train_defaults.
+    repeated = [key for key, value in overrides.items() if key.startswith(("train.", "pretrain.train."))
+                and raw["train_defaults"][key.rpartition(".")[2]] == value]
+    assert repeated == []
+
+
+def test_ruamel_edits_keep_the_merge(tmp_path):
+    """A default set on train_defaults reaches every variant after a reload; a key set on one
+    variant becomes that variant's own key (the merge line stays)."""
+    path = tmp_path / "params.yaml"
+    write_params(REPO / "params.yaml", path, {"train.scratch.epochs": 2, "train_defaults.batch_size": 64})
+    text = path.read_text()
+    assert text.count("<<: *train_defaults") == 3
+    assert _own_keys(text, "train.scratch") == {"epochs"} and _own_keys(text, "pretrain.train") == set()
+    params = load_params(path)
+    assert [params.train["scratch"].epochs, params.train["finetune"].epochs, params.pretrain.train.epochs] == [2, 5, 5]
+    assert {params.train["scratch"].batch_size, params.train["finetune"].batch_size,
+            params.pretrain.train.batch_size} == {64}
+
+
+@pytest.mark.parametrize(
+    ("line", "named", "not_named"),
+    [
+        # A typo in the defaults is named there (and in each variant that merges it) ...
+        ("  init: scratch ", ["train_defaults.epoch", "train.scratch.epoch", "pretrain.train.epoch"], []),
+        # ... a typo in one variant only there.
+        ("    init: pretrained", ["train.finetune.epoch"], ["train_defaults.epoch", "train.scratch.epoch"]),
+    ],
+)
+def test_unknown_training_keys_are_named_where_they_are(tmp_path, line, named, not_named):
+    path = tmp_path / "params.yaml"
+    indent = line[: len(line) - len(line.lstrip())]
+    path.write_text((REPO / "params.yaml").read_text().replace(line, f"{indent}epoch: 5\n{line}", 1))
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    for key in named:
+        assert f"{key}: unknown key" in str(caught.value)
+    for key in not_named:
+        assert key not in str(caught.value)

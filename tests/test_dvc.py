@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO, TINY_DATA, dataset_zip, dvc, sha, tree_digest
 
 from finetune.config import load_params
-from finetune.workspace import sync_workspace, write_params
+from finetune.demo.workspace import sync_workspace, write_params
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_status_is_clean_and_a_second_repro_runs_nothing(workspace):
 
 
 def test_stale_stages_names_what_dvc_would_run(workspace):
-    from tasks.dvc import stale_stages
+    from flows.plan import stale_stages
 
     assert stale_stages(workspace) == set()
     params = (workspace / "params.yaml").read_text()
@@ -58,6 +58,21 @@ def test_stale_stages_names_what_dvc_would_run(workspace):
     finally:
         (workspace / "params.yaml").write_text(params)
     assert stale_stages(workspace) == set()
+
+
+def test_editing_the_test_transform_makes_evaluate_stale(workspace):
+    """evaluate imports finetune/data/images.py (the test transform) through its folder dep: an
+    edit there must rerun it, not report stale results as current (the old lineage hole)."""
+    images = workspace / "finetune" / "data" / "images.py"
+    source = images.read_text()
+    assert "transforms.CenterCrop(crop)" in source
+    images.write_text(source.replace("transforms.CenterCrop(crop)", "transforms.CenterCrop(crop - 2)"))
+    try:
+        stale = json.loads(dvc(workspace, "status", "--json").stdout)
+        assert {"evaluate", "train@finetune", "train@scratch"} <= set(stale)
+    finally:
+        images.write_text(source)
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
 def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):

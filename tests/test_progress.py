@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from finetune.progress import Progress, _human
+from finetune.progress import Progress, human
 
 
 class FakeTerminal(io.StringIO):
@@ -46,4 +46,4 @@ def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(caplog):
 @pytest.mark.parametrize(("value", "unit", "text"), [(999, "B", "999 B"), (1500, "B", "1.5 kB"),
                                                       (2.5e9, "B", "2.5 GB"), (12, "img", "12 img")])
 def test_human_units(value, unit, text):
-    assert _human(value, unit) == text
+    assert human(value, unit) == text

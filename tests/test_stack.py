@@ -10,8 +10,9 @@ import pytest
 
 
 def test_mlflow_records_a_run_in_a_sqlite_store(tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

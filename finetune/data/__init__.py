@@ -1,1 +1,2 @@
-"""Datasets: download, verify and extract archives (fetch); later, index the image folders."""
+"""Data: download, verify and extract archives (fetch), index and validate image folders (GX
+checks), images and transforms, the decode cache, and lineage (DVC data version, git commit)."""

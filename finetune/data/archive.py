@@ -7,7 +7,6 @@ Extraction goes to a temporary sibling folder that replaces the dataset only whe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -17,19 +16,11 @@ from pathlib import Path, PurePosixPath
 
 from finetune.config import Checksum
 from finetune.errors import FetchError
+from finetune.files import file_digest
 
 # Folders and files that archivers add and that are not data.
 _JUNK = re.compile(r"(^|/)(__MACOSX|\.DS_Store|Thumbs\.db)(/|$)")
 _SPLITS = ("train", "test")
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def matches(path: Path, checksum: Checksum) -> bool:

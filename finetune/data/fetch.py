@@ -17,13 +17,13 @@ from finetune.data.archive import (
     archive_members,
     dataset_root,
     extract,
-    file_digest,
     install,
     matches,
     require_layout,
 )
 from finetune.data.download import RetryPolicy, archive_name, download, is_remote, local_path, looks_like_html
 from finetune.errors import FetchError
+from finetune.files import file_digest
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,57 @@
+"""What every command shares: a ``--params`` option, logging, and errors as one paragraph.
+
+Each DVC stage (``python -m finetune.stages.<name>``) and the umbrella ``python -m finetune``
+run through :func:`execute`: errors the user can act on are printed as one paragraph (no
+traceback) with exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from finetune.config import PARAMS_FILE, Params, load_params
+from finetune.errors import FinetuneError
+
+Handler = Callable[[Params, argparse.Namespace], "int | None"]
+
+
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the ``--params`` option every command has."""
+    result = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    result.add_argument("--params", type=Path, default=PARAMS_FILE, help="params file (default: %(default)s)")
+    return result
+
+
+def execute(handler: Handler, args: argparse.Namespace) -> int:
+    """Load ``args.params`` and run ``handler``; the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # chatty at INFO
+    try:
+        status = handler(load_params(args.params), args)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        # The tracking server unreachable or refusing: say so plainly (MLflow's own message).
+        if not type(err).__module__.startswith("mlflow"):
+            raise
+        print(f"error: MLflow ({os.environ.get('MLFLOW_TRACKING_URI') or 'the local store'}): {err}", file=sys.stderr)
+        return 1
+    return status or 0
+
+
+def stage_main(module: str, description: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+               handler: Handler, argv: Sequence[str] | None = None) -> int:
+    """``python -m <module>``: parse ``argv`` with the stage's arguments, run ``handler``."""
+    stage_parser = parser(f"python -m {module}", description)
+    add_arguments(stage_parser)
+    return execute(handler, stage_parser.parse_args(argv))

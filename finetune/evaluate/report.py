@@ -1,0 +1,86 @@
+"""The comparison in Markdown: one source for the evaluate stage's report and the pipeline's
+Prefect artifact. Everything is read from the evaluate stage's metrics document (see
+``metrics_document``), so it needs neither torch nor the models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetune.evaluate.metrics import HEADLINE, VariantEval
+
+
+def variants(document: dict) -> list[str]:
+    """The variants of a metrics document, in the order they were evaluated."""
+    return [name for name in document if name != "comparison"]
+
+
+def test_images(document: dict) -> int:
+    """How many test images the challenger was scored on."""
+    per_class = document[document["comparison"]["challenger"]]["per_class"]
+    return sum(int(values["support"]) for values in per_class.values())
+
+
+def comparison_lines(document: dict) -> list[str]:
+    """The metrics table with deltas, then the McNemar sentence."""
+    return [*metrics_table(document), "", mcnemar_sentence(document["comparison"], test_images(document))]
+
+
+def evaluation_markdown(document: dict, results: list[VariantEval], dataset: Path, figures: dict[str, Path],
+                        base: Path) -> str:
+    """The evaluate stage's report: the comparison, per-class metrics, confusion matrices, the
+    MLflow runs and the pictures (linked relative to ``base``, the report's folder)."""
+    comparison = document["comparison"]
+    classes = results[0].classes
+    lines = [f"# {comparison['challenger']} vs {comparison['baseline']} on {dataset} "
+             f"({test_images(document)} test images, {len(classes)} classes)", "",
+             *comparison_lines(document), "", "## Per class", "", *per_class_table(document, classes), "",
+             "## Confusion matrices (rows: true, columns: predicted)"]
+    for r in results:
+        lines += ["", f"**{r.name}**", "", *confusion_table(r.classes, r.confusion)]
+    lines += ["", "## Runs", ""] + [f"- {r.name}: MLflow run `{r.run_id}`" for r in results]
+    lines += ["", "## Pictures", ""] + [f"![{name}]({os.path.relpath(path, base)})" for name, path in figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(document: dict) -> list[str]:
+    """One row per headline metric: each variant's value and the challenger − baseline delta."""
+    comparison, names = document["comparison"], variants(document)
+    rows = [f"| metric | {' | '.join(names)} | delta ({comparison['challenger']} − {comparison['baseline']}) |",
+            "|---" * (len(names) + 2) + "|"]
+    for metric in HEADLINE:
+        if metric in comparison["delta"]:
+            values = " | ".join(f"{document[name][metric]:.4f}" for name in names)
+            rows.append(f"| {metric} | {values} | {comparison['delta'][metric]:+.4f} |")
+    return rows
+
+
+def mcnemar_sentence(comparison: dict, n: int) -> str:
+    """The exact McNemar test in words: the discordant images and what the p-value says."""
+    test = comparison["mcnemar"]
+    verdict = ("is unlikely to be luck (p < 0.05)" if test["p_value"] < 0.05
+               else "could be luck (p ≥ 0.05): more test data would tell")
+    return (f"**McNemar (exact)**: of {n} test images the models disagree on {test['discordant']}; "
+            f"only {comparison['challenger']} is right on {test['challenger_only']}, only "
+            f"{comparison['baseline']} on {test['baseline_only']}. p = {test['p_value']:.4g}: the difference "
+            f"{verdict}.")
+
+
+def per_class_table(document: dict, classes: list[str]) -> list[str]:
+    """Precision / recall / F1 of each variant, one row per class."""
+    names = variants(document)
+    rows = ["| class | support | " + " | ".join(f"{name} precision / recall / F1" for name in names) + " |",
+            "|---" * (len(names) + 2) + "|"]
+    for cls in classes:
+        cells = [document[name]["per_class"][cls] for name in names]
+        text = [f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f}" for c in cells]
+        rows.append(f"| {cls} | {cells[0]['support']} | " + " | ".join(text) + " |")
+    return rows
+
+
+def confusion_table(classes: list[str], matrix: list[list[int]]) -> list[str]:
+    """A confusion matrix as a Markdown table (rows: true class, columns: predicted)."""
+    rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    rows += [f"| {name} | " + " | ".join(str(c) for c in row) + " |" for name, row in zip(classes, matrix, strict=True)]
+    return rows

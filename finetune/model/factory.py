@@ -1,0 +1,154 @@
+"""One model factory keyed by name: the network, its starting weights, a new head, its blocks.
+
+``build_model`` is steps 1–3 of the recipe: take the source model (ImageNet weights through
+torchvision's weights API, a local state_dict, or none), keep every layer but the output layer,
+and put a new, Xavier-initialised output layer with one output per class in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune.errors import ConfigError, FinetuneError
+from finetune.files import file_digest
+
+log = logging.getLogger(__name__)
+
+RESNET_BLOCKS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: how to build it, its ImageNet weights, and its blocks from the top
+    (the output layer first; gradual unfreezing walks down this list)."""
+
+    builder: Callable[..., nn.Module]
+    imagenet: WeightsEnum
+    blocks: tuple[str, ...]
+    # block name -> attributes of the network that make it up (default: the attribute of that name)
+    parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+# name -> architecture (timm style: one factory, the architecture chosen by name, one row each).
+# The ImageNet weights: IMAGENET1K_V1 for resnet18 as in the D2L book, else torchvision's default.
+_RESNET_PARTS = {"stem": ("conv1", "bn1")}
+ARCHS: dict[str, Arch] = {
+    "resnet18": Arch(torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                     RESNET_BLOCKS, _RESNET_PARTS),
+    "resnet34": Arch(torchvision.models.resnet34, torchvision.models.get_model_weights("resnet34").DEFAULT,
+                     RESNET_BLOCKS, _RESNET_PARTS),
+    "resnet50": Arch(torchvision.models.resnet50, torchvision.models.get_model_weights("resnet50").DEFAULT,
+                     RESNET_BLOCKS, _RESNET_PARTS),
+}
+# The blocks every architecture here has (all are ResNets): what params.yaml's unfreeze may name.
+BLOCKS = RESNET_BLOCKS
+
+
+class WeightsError(FinetuneError):
+    """The starting weights could not be had; the message says how to provide them."""
+
+
+def build_model(arch: str, weights: str, num_classes: int) -> nn.Module:
+    """``arch`` with ``weights`` (imagenet | none | path to a state_dict) and a new
+    ``num_classes``-way output layer."""
+    spec = arch_spec(arch)
+    if weights == "imagenet":
+        model = _imagenet(spec.builder, spec.imagenet)
+    else:
+        model = spec.builder(weights=None)
+        if weights != "none":
+            load_backbone(model, Path(weights))
+    model.fc = new_head(model.fc.in_features, num_classes)
+    return model
+
+
+def arch_spec(arch: str) -> Arch:
+    """The ARCHS row of ``arch``; a ConfigError naming params.yaml's key when there is none."""
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch {arch!r} in params.yaml is not known; use one of {sorted(ARCHS)} "
+                          "(or add a row to ARCHS in finetune/model/factory.py).")
+    return ARCHS[arch]
+
+
+def new_head(in_features: int, num_classes: int) -> nn.Linear:
+    """The new output layer, initialised as in the book: Xavier-uniform weights, zero bias."""
+    head = nn.Linear(in_features, num_classes)
+    nn.init.xavier_uniform_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def _imagenet(builder: Callable[..., nn.Module], weights: WeightsEnum) -> nn.Module:
+    """Through torchvision's own code: downloaded once into the torch hub cache, then offline."""
+    # Where torch.hub.load_state_dict_from_url looks before downloading (the URL's file name).
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        return builder(weights=weights)
+    except Exception as err:  # no network, proxy, a bad cache file: all end here
+        raise WeightsError(
+            f"Could not get the ImageNet weights from {weights.url} ({type(err).__name__}: {err}). "
+            f"Download that file on a machine with network access and place it at {cached} (the "
+            "torch hub cache, replacing any broken file there; TORCH_HOME moves it), or set "
+            "model.weights in params.yaml to a local state_dict file (torch.save(model.state_dict(), path))."
+        ) from None
+
+
+def load_backbone(model: nn.Module, path: Path) -> None:
+    """Load a local state_dict (or a checkpoint holding one under ``model``) into every layer
+    but the output layer, whose shape belongs to the source task."""
+    if not path.is_file():
+        raise WeightsError(f"model.weights file {path} does not exist. Fix the path in params.yaml, "
+                           "or use imagenet or none.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"{path} is not a PyTorch state_dict ({type(err).__name__}: {err}). "
+                           "Save one with torch.save(model.state_dict(), path).") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors, or a checkpoint "
+                           "with one under 'model'). Save one with torch.save(model.state_dict(), path).")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        reason = " ".join(str(err).split())  # torch's message spans lines; the error is one paragraph
+        raise WeightsError(f"{path} does not fit this model.arch ({reason}). Use weights saved from the "
+                           "same architecture, or fix model.arch / model.weights in params.yaml.") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not fit this model.arch: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}. Use weights saved from the same "
+            "architecture, or fix model.arch / model.weights in params.yaml.")
+    log.info("loaded %d tensors from %s (output layer left new)", len(state), path)
+
+
+def block_modules(model: nn.Module, name: str, arch: str = "resnet18") -> list[nn.Module]:
+    """The modules of block ``name`` of an ``arch`` network (see ARCHS; a ResNet's ``stem`` is
+    conv1 + bn1)."""
+    spec = arch_spec(arch)
+    if name not in spec.blocks:
+        raise ValueError(f"unknown block {name!r}; blocks are {spec.blocks}")
+    return [getattr(model, part) for part in spec.parts.get(name, (name,))]
+
+
+def weights_path(weights: str, project: Path) -> str:
+    """params.yaml's ``model.weights`` as build_model takes it: a local file relative to ``project``."""
+    return weights if weights in ("imagenet", "none") else str(project / weights)
+
+
+def weights_digest(weights: str, project: Path) -> str:
+    """Changes when a local weights file changes (so does the fingerprint of a training)."""
+    path = project / weights
+    return file_digest(path, "sha256") if weights not in ("imagenet", "none") and path.exists() else weights

@@ -1,0 +1,78 @@
+"""The ``evaluate`` stage: every variant on the test split with its test transform; the challenger
+against the baseline (deltas, exact McNemar test). Writes dvc metrics JSON, dvc plots data, the
+same plots as PNG, a Markdown report, and the MLflow record (the pipeline's parent run and each
+variant's run).
+
+Every file is written atomically, and only after every variant was scored: a failed evaluation
+leaves the previous outputs as they were.
+
+`python -m finetune.stages.evaluate --models models --history plots/train`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.command import stage_main
+from finetune.config import Params
+from finetune.evaluate.figures import write_plots
+from finetune.evaluate.metrics import VariantEval, metrics_document
+from finetune.evaluate.report import evaluation_markdown
+from finetune.evaluate.scoring import evaluate_variants
+from finetune.files import write_atomic
+from finetune.tracking.evaluation import log_evaluation
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    """Where the stage reads trained models and training histories (from dvc.yaml)."""
+
+    models: Path  # <models>/<variant>/model.pt
+    history: Path  # <history>/<variant>.csv: per-epoch stats of the train stage
+
+
+def run_evaluate(params: Params, paths: EvalPaths, project: Path = Path(".")) -> tuple[list[VariantEval], dict]:
+    """Score every variant, compare challenger and baseline, write and log the outputs."""
+    results, comparison = evaluate_variants(params, paths.models, project)
+    cfg = params.evaluate
+    figures = write_plots(results, project / cfg.plots, project / params.data.dir, project / paths.history,
+                          cfg.errors_shown)
+    document = metrics_document(results, comparison)
+    report = evaluation_markdown(document, results, params.data.dir, figures, (project / cfg.report).parent)
+    _write_text(project / cfg.metrics, json.dumps(document, indent=2) + "\n")
+    _write_text(project / cfg.report, report)
+    log_evaluation(results, comparison, project, [project / cfg.metrics, project / cfg.report, *figures.values()])
+    return results, comparison
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--models`` and ``--history``: the train stages' outputs."""
+    parser.add_argument("--models", type=Path, required=True, help="folder of <variant>/model.pt")
+    parser.add_argument("--history", type=Path, required=True, help="folder of <variant>.csv (per-epoch stats)")
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    """Score every variant on the test split; compare challenger and baseline (settings ``evaluate:``)."""
+    results, comparison = run_evaluate(params, EvalPaths(args.models, args.history))
+    for r in results:
+        print(f"{r.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()))
+    test = comparison["mcnemar"]
+    print(f"{comparison['challenger']} - {comparison['baseline']}: accuracy {comparison['delta']['accuracy']:+.4f}, "
+          f"McNemar p = {test['p_value']:.4g} ({test['challenger_only']} vs {test['baseline_only']} discordant); "
+          f"report {params.evaluate.report}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main("finetune.stages.evaluate", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

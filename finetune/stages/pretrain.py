@@ -1,0 +1,81 @@
+"""The ``pretrain`` stage: train a source model on a dataset of your own (step 1 of the recipe).
+
+For users with a large source dataset and no route to ImageNet weights, and for the offline
+demo. With ``pretrain.data: null`` the stage only writes a note, and ``model.weights`` names the
+ImageNet weights (or any state_dict) as usual.
+
+`python -m finetune.stages.pretrain --out models/source`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from finetune.command import stage_main
+from finetune.config import Params
+from finetune.data.fetch import fetch
+from finetune.data.index import build_index, list_dataset
+from finetune.files import fingerprint_of, write_atomic
+from finetune.model.factory import build_model
+from finetune.tracking.runs import MlflowCallback, pretrain_run
+from finetune.train.checkpoints import load_checkpoint
+from finetune.train.loaders import loaders
+from finetune.train.loop import fit
+from finetune.train.runtime import resolve_runtime, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(params: Params, out: Path, project: Path = Path(".")) -> Path | None:
+    """Fetch ``pretrain.data``, train on all its decodable images, save ``out/model.pt``."""
+    cfg = params.pretrain
+    target = project / out
+    target.mkdir(parents=True, exist_ok=True)
+    if cfg.data is None:
+        (target / "README.txt").write_text(
+            "No source model: pretrain.data is null, so model.weights is used as it is.\n")
+        return None
+    dataset = fetch(cfg.data, project).dataset
+    files = target / "files.csv"
+    index = build_index(dataset, list_dataset(dataset), max_pixels=params.validate_.max_pixels)
+    usable = index[index["decodes"] & index["class"].notna()]
+    write_atomic(files, lambda tmp: usable[["path", "split", "class"]].to_csv(tmp, index=False))
+    m = params.model
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    runtime = resolve_runtime(cfg.train)
+    train_loader, test_loader, classes = loaders(params, cfg.train, dataset, files, runtime.device.type == "cuda", project)
+    model = build_model(m.arch, "none", len(classes))
+    fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
+    with pretrain_run(project, dataset.name, cfg.train, len(classes)):
+        history = fit(model, train_loader, test_loader, cfg.train, runtime, target, fingerprint=fingerprint,
+                      checkpoint=load_checkpoint(target, fingerprint), callbacks=[MlflowCallback()])
+    state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "classes": classes,
+             "arch": m.arch, "settings": cfg.model_dump(mode="json")}
+    write_atomic(target / "model.pt", lambda tmp: torch.save(state, tmp))
+    log.info("source model: %d classes, test accuracy %.3f -> %s", len(classes), history[-1].test_acc,
+             target / "model.pt")
+    return target / "model.pt"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``: the folder of the source model (dvc.yaml: models/source)."""
+    parser.add_argument("--out", type=Path, required=True, help="folder for the source model")
+
+
+def run(params: Params, args: argparse.Namespace) -> None:
+    """Train the source model on pretrain.data (a no-op note when it is null)."""
+    path = pretrain(params, args.out)
+    print(f"source model: {path}" if path else f"no pretraining (pretrain.data is null): {args.out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return stage_main("finetune.stages.pretrain", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

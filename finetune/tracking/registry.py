@@ -1,0 +1,292 @@
+"""The MLflow model registry: register the winning variant as ``candidate`` (the register stage's
+work), promote it to ``production`` through a gate, roll back. Aliases only (registry stages are
+deprecated in MLflow 3).
+
+Every decision is recorded twice: as tags on the versions involved and as one JSON line in the
+promotion log, an artifact of the run ``registry-<model name>``. The production history (a stack
+of versions, newest last) is a tag of the registered model, so rollback needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import mlflow
+from finetune.config import Params
+from finetune.data.lineage import data_version, git_commit
+from finetune.errors import FinetuneError
+from finetune.evaluate.metrics import better, winner
+from finetune.files import fingerprint_of, write_atomic
+from finetune.model.classifier import load_classifier
+from finetune.tracking.serving import evaluate_registered, log_classifier
+from finetune.tracking.store import pipeline_experiment, use_store
+
+log = logging.getLogger(__name__)
+CANDIDATE, PRODUCTION = "candidate", "production"
+HISTORY_TAG = "production_history"
+LOG_TAG, LOG_FILE = "finetune.registry_log", "promotions.jsonl"
+
+
+class RegistryError(FinetuneError):
+    """A registry action cannot be done; the message says why and what to run."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The version the register stage made (or found: the same model registered before)."""
+
+    model_name: str
+    version: str
+    variant: str
+    run_id: str
+    metric: str
+    value: float
+    reused: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One promotion or rollback decision, as recorded."""
+
+    action: str  # promoted | refused | unchanged | rolled_back
+    model_name: str
+    candidate: str | None
+    production_before: str | None
+    production_after: str | None
+    metric: str
+    candidate_score: float | None
+    production_score: float | None
+    min_improvement: float
+    reason: str
+    time: str
+
+
+# --- register --------------------------------------------------------------------------------------
+
+
+def register_candidate(params: Params, models: Path, project: Path = Path(".")) -> Registration:
+    """Register the winning variant's model as a new version with the alias ``candidate``."""
+    cfg = params.register_
+    metrics_file = project / params.evaluate.metrics
+    if not metrics_file.exists():
+        raise RegistryError(f"{metrics_file} (evaluate.metrics) does not exist: run `dvc repro evaluate` first.")
+    document = json.loads(metrics_file.read_text())
+    variant = winner(document, cfg.metric, params.evaluate.challenger)
+    checkpoint = project / models / variant / "model.pt"
+    classifier = load_classifier(checkpoint)
+    run_id, fingerprint = classifier.info.get("mlflow_run_id"), classifier.info.get("fingerprint")
+    use_store(project)
+    client = MlflowClient()
+    version = _version_with(client, cfg.model_name, fingerprint)
+    reused = version is not None
+    if version is None:
+        tags = version_tags(params, project, variant, run_id, fingerprint, document[variant])
+        version = _new_version(client, params, project, checkpoint, run_id, tags)
+    client.set_registered_model_alias(cfg.model_name, CANDIDATE, version.version)
+    result = Registration(cfg.model_name, str(version.version), variant, run_id, cfg.metric,
+                          document[variant][cfg.metric], reused)
+    write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
+    return result
+
+
+def _version_with(client: MlflowClient, name: str, fingerprint: str | None):
+    """The version already registered for this exact training (same fingerprint), if any."""
+    if not fingerprint:
+        return None
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.fingerprint = '{fingerprint}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def version_tags(params: Params, project: Path, variant: str, run_id: str, fingerprint: str, scores: dict) -> dict:
+    """Where the version came from: data and code versions, variant, run, params digest, test metrics."""
+    digest = fingerprint_of(params.model_dump(mode="json", by_alias=True))
+    tags = {"data_version": data_version(project, params.data.dir), "git_commit": git_commit(project),
+            "variant": variant, "run_id": run_id or "", "fingerprint": fingerprint or "", "params_digest": digest}
+    tags |= {f"test.{k}": f"{v:.6g}" for k, v in scores.items() if isinstance(v, float)}
+    return tags
+
+
+def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint: Path, run_id: str | None, tags: dict):
+    """Log the servable classifier into the training run and register it."""
+    limits = {"max_image_mb": params.serve.max_image_mb, "max_pixels": params.validate_.max_pixels}
+    name = params.register_.model_name
+    with _run_for_model(client, run_id, project, params):
+        info = log_classifier(checkpoint, project / "params.yaml", limits)
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    client.update_model_version(name, version.version, description=(
+        f"{tags['variant']} (run {tags['run_id']}), data {tags['data_version']}, commit {tags['git_commit']}"))
+    log.info("registered %s version %s from run %s", name, version.version, run_id)
+    return client.get_model_version(name, version.version)
+
+
+def _run_for_model(client: MlflowClient, run_id: str | None, project: Path, params: Params):
+    """The training run (so the version links to it), or a new run when the model has none."""
+    if run_id:
+        try:
+            client.get_run(run_id)
+            return mlflow.start_run(run_id=run_id)
+        except MlflowException:
+            log.warning("run %s is not in the tracking store: the model goes into a new run", run_id)
+    experiment = pipeline_experiment(params.data.dir, project)
+    return mlflow.start_run(experiment_id=experiment, run_name="register")
+
+
+# --- promote and roll back -------------------------------------------------------------------------
+
+
+def _alias(client: MlflowClient, name: str, alias: str):
+    """The version ``name@alias``, or None when the model or the alias does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise  # the store unreachable or failing: not the same as "no such alias"
+
+
+def score_version(params: Params, project: Path, version) -> float:
+    """``register.metric`` of a registered version on the current test split."""
+    return evaluate_registered(params, f"models:/{version.name}/{version.version}", project).metrics[
+        params.register_.metric]
+
+
+def promote(params: Params, project: Path = Path("."), version: str | None = None, force: bool = False) -> Decision:
+    """Move ``production`` to the candidate (or ``version``) if it beats production on the same
+    test data by at least ``register.min_improvement`` and by more than nothing (or there is no
+    production yet, or ``force``); record the decision either way."""
+    cfg = params.register_
+    use_store(project)
+    client = MlflowClient()
+    candidate = client.get_model_version(cfg.model_name, version) if version else _alias(client, cfg.model_name, CANDIDATE)
+    if candidate is None:
+        raise RegistryError(f"{cfg.model_name} has no version with the alias {CANDIDATE!r}: run the register "
+                            "stage first (`dvc repro register`).")
+    production = _alias(client, cfg.model_name, PRODUCTION)
+    decision = _decide(params, project, candidate, production, force)
+    if decision.action == "promoted":
+        client.set_registered_model_alias(cfg.model_name, PRODUCTION, candidate.version)
+        _push_history(client, cfg.model_name, candidate.version)
+    record(client, params, project, decision)
+    return decision
+
+
+def _decide(params: Params, project: Path, candidate, production, force: bool) -> Decision:
+    cfg = params.register_
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    base = {"model_name": cfg.model_name, "candidate": str(candidate.version), "metric": cfg.metric,
+            "min_improvement": cfg.min_improvement, "time": now}
+    if production is not None and production.version == candidate.version:  # nothing to score
+        return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
+                        candidate_score=None, production_score=None,
+                        reason=f"version {candidate.version} is already production", **base)
+    cand_score = score_version(params, project, candidate)
+    base["candidate_score"] = cand_score
+    if production is None:
+        return Decision("promoted", production_before=None, production_after=str(candidate.version), production_score=None,
+                        reason="no production version yet", **base)
+    prod_score = score_version(params, project, production)
+    gain = better(cfg.metric, cand_score, prod_score)
+    passed = gain > 0 and gain >= cfg.min_improvement
+    numbers = (f"{cfg.metric} {cand_score:.4f} (candidate v{candidate.version}) vs {prod_score:.4f} "
+               f"(production v{production.version}) on the same test data: gain {gain:+.4f}, "
+               f"required > 0 and >= {cfg.min_improvement}")
+    if passed or force:
+        reason = numbers if passed else f"forced: {numbers}"
+        return Decision("promoted", production_before=str(production.version), production_after=str(candidate.version),
+                        production_score=prod_score, reason=reason, **base)
+    return Decision("refused", production_before=str(production.version), production_after=str(production.version),
+                    production_score=prod_score, reason=numbers, **base)
+
+
+def rollback(params: Params, project: Path = Path(".")) -> Decision:
+    """Move ``production`` back to the version that held it before the current one."""
+    cfg = params.register_
+    use_store(project)
+    client = MlflowClient()
+    current = _alias(client, cfg.model_name, PRODUCTION)
+    history = _history(client, cfg.model_name)
+    if current is None or len(history) < 2:
+        raise RegistryError(f"{cfg.model_name} has no earlier production version to roll back to "
+                            f"(production history: {history or 'empty'}).")
+    history.pop()
+    previous = history[-1]
+    client.set_registered_model_alias(cfg.model_name, PRODUCTION, previous)
+    client.set_registered_model_tag(cfg.model_name, HISTORY_TAG, json.dumps(history))
+    decision = Decision("rolled_back", cfg.model_name, candidate=None, production_before=str(current.version),
+                        production_after=previous, metric=cfg.metric, candidate_score=None, production_score=None,
+                        min_improvement=cfg.min_improvement, reason=f"rollback from v{current.version} to v{previous}",
+                        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    record(client, params, project, decision)
+    return decision
+
+
+def _history(client: MlflowClient, name: str) -> list[str]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def _push_history(client: MlflowClient, name: str, version: str) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(_history(client, name) + [str(version)]))
+
+
+def record(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:
+    """Tags on the versions involved and a line in the promotion log artifact."""
+    name = decision.model_name
+    stamp = decision.time
+    if decision.candidate:
+        for key, value in {"promotion.decision": decision.action, "promotion.reason": decision.reason,
+                           "promotion.time": stamp}.items():
+            client.set_model_version_tag(name, decision.candidate, key, value)
+    before = decision.production_before
+    if before and before != decision.candidate:
+        outcome = {"promoted": f"replaced by v{decision.candidate}", "refused": f"kept against v{decision.candidate}",
+                   "rolled_back": "rolled back"}[decision.action]
+        client.set_model_version_tag(name, before, "promotion.last_challenge", f"{stamp}: {outcome}")
+    append_log(client, params, project, decision)
+
+
+def append_log(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:
+    """Append the decision to ``promotions.jsonl`` of the run ``registry-<model name>``."""
+    run_id = _log_run(client, params, project, decision.model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / LOG_FILE
+        path.write_text(_read_log(client, run_id, tmp) + json.dumps(asdict(decision)) + "\n")
+        client.log_artifact(run_id, str(path))
+
+
+def _read_log(client: MlflowClient, run_id: str, folder: str) -> str:
+    """The promotion log's text ("" before the first decision). A failing download raises:
+    appending to an empty log then would replace the history."""
+    if LOG_FILE not in {a.path for a in client.list_artifacts(run_id)}:
+        return ""
+    return Path(client.download_artifacts(run_id, LOG_FILE, folder)).read_text()
+
+
+def promotion_log(params: Params, project: Path = Path(".")) -> list[dict]:
+    """Every recorded decision of ``register.model_name``, oldest first."""
+    use_store(project)
+    client = MlflowClient()
+    run_id = _log_run(client, params, project, params.register_.model_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = _read_log(client, run_id, tmp)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _log_run(client: MlflowClient, params: Params, project: Path, name: str) -> str:
+    experiment = pipeline_experiment(params.data.dir, project)
+    found = client.search_runs([experiment], filter_string=f"tags.`{LOG_TAG}` = '{name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment, run_name=f"registry-{name}", tags={LOG_TAG: name})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -1,0 +1,35 @@
+"""What ``fit`` reports, and to whom: per-epoch stats handed to callback objects.
+
+Tracking (MLflow, in finetune/tracking/runs.py) and anything else that watches a training is a
+:class:`Callback` handed to ``fit`` (as DVCLive's and fastai's callbacks are), so the loop itself
+knows nothing of where its numbers go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EpochStats:
+    """What one epoch measured; ``lrs`` per parameter group at the epoch's end."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    images_per_s: float
+    seconds: float
+    lrs: dict[str, float] = field(default_factory=dict)
+    features_seconds: float = 0.0  # computing cached backbone features before this epoch (if it did)
+
+
+class Callback:
+    """Hooks ``fit`` calls; each does nothing unless a subclass overrides it."""
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        """After each epoch, before its checkpoint is written: a crash in between repeats the
+        epoch rather than losing its record."""
+
+    def on_fit_end(self, history: list[EpochStats]) -> None:
+        """After the last epoch (and its checkpoint)."""

@@ -1,0 +1,63 @@
+"""Checkpoints: one file per training folder, written after every epoch, so a rerun after a crash
+resumes at the next epoch with the same weights, optimiser, history and RNG states."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.config import TrainConfig
+from finetune.files import write_atomic
+from finetune.train.callbacks import EpochStats
+from finetune.train.strategy import unfreeze_for_epoch
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(out_dir: Path, state: dict) -> None:
+    """Write ``out_dir/checkpoint.pt`` atomically: a kill mid-write leaves the previous one."""
+    write_atomic(out_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(out_dir: Path, fingerprint: str) -> dict | None:
+    """The checkpoint in ``out_dir`` if it belongs to this run (same fingerprint), else None."""
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    # Our own file, with RNG states (numpy arrays) that weights_only loading refuses.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: it belongs to other settings or data", path)
+        return None
+    return state
+
+
+def resume(state: dict, model, optimizer, cfg: TrainConfig) -> list[EpochStats]:
+    """Restore model, optimiser and RNGs from a checkpoint; return the history so far."""
+    for epoch in range(2, state["epoch"] + 1):  # the optimiser must have the same groups again
+        unfreeze_for_epoch(model, optimizer, cfg, epoch)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    log.info("resuming: epoch %d of %d done", state["epoch"], cfg.epochs)
+    return [EpochStats(**s) for s in state["history"]]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

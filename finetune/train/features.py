@@ -1,0 +1,113 @@
+"""Cached features for frozen work: the head trains on backbone outputs computed once.
+
+Under ``strategy: freeze`` (and in the frozen epochs of ``gradual``) nothing below the head
+learns and every frozen BatchNorm normalises with its stored statistics, so the backbone maps
+an image view to the same features in every epoch. They are computed once per image and view
+(``feature_views`` random augmented views of each train image; the one test view), and each
+head epoch is a pass of the small output layer over a view's features: milliseconds instead of
+a pass of the whole network. Epoch ``e`` reads view ``(e - 1) mod views``, so with as many
+views as frozen epochs every epoch sees fresh augmentations, exactly as the live recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from finetune.config import TrainConfig
+from finetune.train.callbacks import EpochStats
+from finetune.train.distributed import Dist
+from finetune.train.runtime import Runtime, autocast, to_device
+from finetune.train.strategy import group_lrs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """Backbone outputs: one (features, labels) pair per train view, and the test set's."""
+
+    train: list[tuple[torch.Tensor, torch.Tensor]]
+    test: tuple[torch.Tensor, torch.Tensor]
+    seconds: float
+
+
+def backbone(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input of the output layer ``model.fc`` for ``images``."""
+    head = model.fc
+    model.fc = nn.Identity()
+    try:
+        return model(images)
+    finally:
+        model.fc = head
+
+
+@torch.inference_mode()
+def _features(model, loader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    outputs, labels = [], []
+    for images, truth in loader:
+        images, truth = to_device(images, truth, runtime)
+        with autocast(runtime):
+            outputs.append(backbone(model, images).float())
+        labels.append(truth)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def extract_features(model, train_loader, test_loader, runtime: Runtime, views: int, dist: Dist) -> Features:
+    """Features of ``views`` passes over the (augmenting) train loader and one over the test
+    loader; under torchrun each process computes its share and every process gets them all."""
+    started = time.perf_counter()
+    model.eval()  # the backbone is frozen: BatchNorm uses its stored statistics, as in training
+    train = []
+    for view in range(views):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(10_000 + view)
+        train.append(_everyone(_features(model, train_loader, runtime), dist))
+    test = _everyone(_features(model, test_loader, runtime), dist)
+    seconds = time.perf_counter() - started
+    log.info("cached backbone features: %d train view(s) of %d images, %d test images (%.2f s)",
+             views, len(train[0][1]), len(test[1]), seconds)
+    return Features(train, test, seconds)
+
+
+def _everyone(pair: tuple[torch.Tensor, torch.Tensor], dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    if not dist.active:
+        return pair
+    parts = dist.gather((pair[0].cpu(), pair[1].cpu()))
+    device = pair[0].device
+    return torch.cat([f for f, _ in parts]).to(device), torch.cat([y for _, y in parts]).to(device)
+
+
+def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: int):
+    """One epoch of the output layer over the cached features of view ``(epoch - 1) mod views``,
+    then its accuracy on the cached test features. Every process computes the same."""
+    lrs = group_lrs(optimizer)
+    inputs, labels = features.train[(epoch - 1) % len(features.train)]
+    loss_fn = nn.CrossEntropyLoss(reduction=cfg.loss)
+    # The same order in every process (torchrun): a generator of its own, seeded by the epoch.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    started = time.perf_counter()
+    model.fc.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, first in enumerate(range(0, len(labels), cfg.batch_size)):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        batch = order[first:first + cfg.batch_size].to(inputs.device)
+        logits = model.fc(inputs[batch])
+        loss = loss_fn(logits, labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * (len(batch) if cfg.loss == "mean" else 1)
+        correct += (logits.argmax(1) == labels[batch]).sum().item()
+        seen += len(batch)
+    seconds = time.perf_counter() - started
+    with torch.inference_mode():
+        test_inputs, test_labels = features.test
+        test_acc = (model.fc(test_inputs).argmax(1) == test_labels).float().mean().item()
+    return EpochStats(epoch, total_loss / max(seen, 1), correct / max(seen, 1), test_acc,
+                      seen / max(seconds, 1e-9), seconds, lrs)

@@ -1,0 +1,63 @@
+"""`make scheduler`: a real Prefect server on 127.0.0.1 with its state under the project
+(.prefect/, ignored by git), and the scheduled retraining served against it. Ctrl-C stops both.
+
+Prefect cannot schedule on its ephemeral server, hence this. With PREFECT_API_URL already set
+(your own server), only the deployment is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def start_server(home: Path, port: int, timeout: float = 180) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:``port`` with PREFECT_HOME=``home``, once healthy."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"prefect server exited ({server.returncode}); see {home / 'server.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    server.terminate()
+    raise SystemExit(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.server", description=__doc__)
+    parser.add_argument("--workspace", default=".", help="DVC project to retrain (default: here)")
+    parser.add_argument("--port", type=int, default=4200, help="Prefect server port (default: %(default)s)")
+    args = parser.parse_args(argv)
+    server = None
+    env = dict(os.environ)
+    if "PREFECT_API_URL" not in env:
+        server = start_server(Path(".prefect").resolve(), args.port)
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{args.port}/api"
+        print(f"Prefect server: http://127.0.0.1:{args.port} (state in .prefect/)", flush=True)
+    try:
+        return subprocess.call([sys.executable, "-m", "flows.retrain", "--workspace", args.workspace], env=env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

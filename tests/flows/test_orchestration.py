@@ -1,0 +1,132 @@
+"""The orchestration's own parts: the report's Markdown, webhook notifications (a real local HTTP
+server), the workspace lock across processes, and the retrain flow skipping a busy workspace
+(under prefect_test_harness)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import REPO
+
+from finetune.config import NotifyConfig, load_params
+from flows.lock import WorkspaceBusy, workspace_lock
+from flows.notify import notify
+from tasks.dvc import StageRun
+from tasks.report import pipeline_markdown
+
+
+@pytest.fixture
+def webhook():
+    """A real HTTP server on 127.0.0.1 that records JSON POSTs (status 200, or 500 at /broken)."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append({"path": self.path, **body})
+            self.send_response(500 if self.path == "/broken" else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+
+
+@pytest.mark.parametrize(("event", "events", "delivered"), [("promotion", ("promotion",), True),
+                                                             ("failure", ("failure", "promotion"), True),
+                                                             ("refusal", ("failure", "promotion"), False)])
+def test_notify_posts_the_events_asked_for(webhook, event, events, delivered):
+    url, received = webhook
+    cfg = NotifyConfig(webhook_url=f"{url}/hook", events=events, timeout_s=5)
+    assert notify(cfg, event, {"message": "m"}) is delivered
+    assert received == ([{"path": "/hook", "event": event, "message": "m"}] if delivered else [])
+
+
+def test_a_failing_webhook_is_logged_not_raised(webhook, caplog):
+    url, received = webhook
+    assert notify(NotifyConfig(webhook_url=f"{url}/broken", events=("failure",), timeout_s=5), "failure", {}) is False
+    assert len(received) == 1 and "webhook" in caplog.text
+    assert notify(NotifyConfig(webhook_url=None, events=("failure",), timeout_s=5), "failure", {}) is False
+
+
+HOLD = "import sys, time; from flows.lock import workspace_lock; ctx = workspace_lock(sys.argv[1], wait=False); " \
+       "ctx.__enter__(); print('held', flush=True); time.sleep(60)"
+
+
+@pytest.fixture
+def busy(tmp_path):
+    """``tmp_path`` locked by another process."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield tmp_path
+    holder.kill()
+    holder.wait()
+
+
+def test_the_workspace_lock_excludes_a_second_process(busy):
+    with pytest.raises(WorkspaceBusy, match="busy"):
+        with workspace_lock(busy, wait=False):
+            pass
+
+
+def test_the_lock_is_free_again_after_use(tmp_path):
+    with workspace_lock(tmp_path, wait=False):
+        pass
+    with workspace_lock(tmp_path, wait=False):
+        assert (tmp_path / ".finetune.lock").read_text().strip().isdigit()
+
+
+def test_report_markdown_from_the_stage_files(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    metrics = tmp_path / params.evaluate.metrics
+    metrics.parent.mkdir(parents=True)
+    values = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "log_loss": 0.3}
+    per_class = {"per_class": {c: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 50} for c in ("a", "b")}}
+    metrics.write_text(json.dumps({"finetune": values | per_class,
+                                   "scratch": {k: v - 0.1 for k, v in values.items()} | per_class,
+                                   "comparison": {"challenger": "finetune", "baseline": "scratch",
+                                                  "delta": {k: 0.1 for k in values},
+                                                  "mcnemar": {"challenger_only": 9, "baseline_only": 1,
+                                                              "discordant": 10, "p_value": 0.0215}}}))
+    decision = {"action": "refused", "production_before": "3", "production_after": "3", "reason": "gain -0.01"}
+    text = pipeline_markdown(params, tmp_path, decision, [StageRun("fetch", 0.5, True), StageRun("train@finetune", 61.0, False)])
+    assert "| accuracy | 0.9000 | 0.8000 | +0.1000 |" in text
+    assert "of 100 test images the models disagree on 10" in text  # the evaluate report's own sentence
+    assert "p = 0.0215" in text and "**Promotion**: refused — production v3 → v3: gain -0.01" in text
+    assert "| fetch | skipped | 0.5 |" in text and "| train@finetune | ran | 61.0 |" in text
+
+
+@pytest.mark.slow
+def test_retrain_skips_a_busy_workspace(busy):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain
+
+    (busy / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    with prefect_test_harness(server_startup_timeout=180):
+        result = retrain(str(busy))
+    assert "busy" in result["skipped"]
+    assert not (busy / "data").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(("lines", "retried"), [
+    (["error: Could not download https://x/hotdog.zip: no connection to x after 5 attempts"], True),
+    (["Download of https://x failed after 5 attempts; the last one: 503. The server or the connection is failing"], True),
+    (["error: Checksum mismatch for mirror/hotdog.zip"], False),
+])
+def test_fetch_is_retried_only_fornetwork_failures(lines, retried):
+    from prefect.states import Failed
+
+    from tasks.dvc import StageFailed, network_failure
+
+    assert network_failure(None, None, Failed(data=StageFailed("stage 'fetch' failed", lines))) is retried
+    assert network_failure(None, None, Failed(data=ValueError("other"))) is False

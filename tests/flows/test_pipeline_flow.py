@@ -1,0 +1,108 @@
+"""`make demo`'s path end to end: demo-setup, then the Prefect flow (local ephemeral server)
+running the DVC stages in the demo workspace of a temporary copy of the project."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tree_digest
+
+from finetune.config import load_params
+from finetune.demo.workspace import stage_env, sync_workspace, write_params
+from flows.plan import stage_order
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory) -> dict[str, str]:
+    """Prefect on its own ephemeral server, with its state in a temporary folder."""
+    env = stage_env()
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+@pytest.mark.slow
+def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
+    quick = {"model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
+             **{f"{stage}.{key}": value for stage in ("pretrain.train", "train.finetune", "train.scratch")
+                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0))}}
+    small = {"demo.train_per_class": 6, "demo.test_per_class": 3, "demo.source_classes": 3,
+             "demo.source_train_per_class": 4, "demo.source_test_per_class": 2, "demo.overrides": quick}
+    project = sync_workspace(REPO, tmp_path / "project", small, share_cache=False)
+    params_before = (project / "params.yaml").read_text()
+    python = sys.executable
+
+    setup = run([python, "-m", "finetune", "demo-setup"], project, prefect_env)
+    assert setup.returncode == 0, setup.stderr
+    demo = project / "demo"
+    archive = demo / "mirror" / "hotdog.zip"
+    assert load_params(demo / "params.yaml").data.url == archive.as_uri()
+
+    first = run([python, "-m", "flows.pipeline", "--workspace", "demo"], project, prefect_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'fetch'" in first.stdout + first.stderr
+    assert "validation passed: 18 of 18 files" in first.stdout + first.stderr
+    for stage in ("pretrain", "train@finetune", "train@scratch", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout + first.stderr
+    assert "promoted: hotdog-classifier production (none) -> v1; no production version yet" in first.stdout + first.stderr
+    report = (demo / "reports" / "evaluate.md").read_text()
+    assert "McNemar (exact)" in report and "| accuracy |" in report
+    assert (demo / "models" / "finetune" / "model.pt").exists() and (demo / "models" / "source" / "model.pt").exists()
+    files = tree_digest(demo / "data" / "hotdog")
+    assert sum(name.startswith("train/hotdog/") for name in files) == 6
+    assert sum(name.startswith("test/not-hotdog/") for name in files) == 3
+    status = run([python, "-m", "dvc", "status", "--json"], demo, prefect_env)
+    assert status.stdout.strip() == "{}"
+    # The project itself is untouched, and the demo's data went to the project's DVC cache.
+    assert (project / "params.yaml").read_text() == params_before
+    assert not (project / "data" / "hotdog").exists()
+    assert any((project / ".dvc" / "cache").rglob("*.dir"))
+
+    # demo-setup again regenerates the same bytes, so DVC has nothing to redo.
+    assert run([python, "-m", "finetune", "demo-setup"], project, prefect_env).returncode == 0
+    second = run([python, "-m", "flows.pipeline", "--workspace", "demo"], project, prefect_env)
+    assert second.returncode == 0, second.stderr
+    assert "skipped (up to date)" in second.stdout + second.stderr
+    # Nothing changed: the same candidate, already production.
+    assert "unchanged: hotdog-classifier production v1 -> v1" in second.stdout + second.stderr
+    assert tree_digest(demo / "data" / "hotdog") == files
+
+
+@pytest.mark.slow
+def test_a_failing_stage_fails_the_flow_and_keeps_the_data(tmp_path, prefect_env):
+    project = sync_workspace(REPO, tmp_path / "project", {}, share_cache=False)
+    mirror = project / "mirror" / "hotdog.zip"
+    mirror.parent.mkdir()
+    mirror.write_bytes(b"<html>not the archive</html>")
+    write_params(project / "params.yaml", project / "params.yaml",
+                 {"data.url": mirror.as_uri(), "data.checksum": "sha256:" + "0" * 64})
+    result = run([sys.executable, "-m", "flows.pipeline"], project, prefect_env)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "pipeline failed: stage 'fetch' failed" in output
+    assert "Checksum mismatch" in output and "HTML page" in output  # DVC's output, in the task log
+    assert mirror.exists() and not (project / "data" / "hotdog").exists()
+
+
+def test_stage_order_follows_the_dag(tmp_path):
+    workspace = sync_workspace(REPO, tmp_path / "ws", {}, share_cache=False)
+    pipeline = (workspace / "dvc.yaml").read_text()
+    # Written before the stage it depends on: the order must come from the graph, not the file.
+    extra = "  count:\n    cmd: wc -l data/validate/files.csv > count.txt\n    deps: [data/validate/files.csv]\n    outs: [count.txt]\n"
+    (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
+    order = stage_order(workspace)
+    assert sorted(order) == ["count", "evaluate", "fetch", "pretrain", "register", "train@finetune",
+                             "train@scratch", "validate"]
+    before = {"validate": ["fetch"], "count": ["validate"], "train@finetune": ["validate", "pretrain"],
+              "train@scratch": ["validate", "pretrain"], "evaluate": ["train@finetune", "train@scratch"],
+              "register": ["evaluate"]}
+    for stage, upstream in before.items():
+        assert all(order.index(u) < order.index(stage) for u in upstream), order

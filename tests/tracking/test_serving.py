@@ -1,0 +1,149 @@
+"""The production model in use: `python -m finetune predict` in-process and `python -m finetune
+serve` (`make serve`: `mlflow models serve`) answering real HTTP requests, against a real
+`mlflow server`. Both must give the same answer for the same file, and refuse bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import free_port, jpeg, start_server, stop_server
+from images import ODDITIES, encode, huge_png, photo
+from models import params, project_with_data, save_variant
+from PIL import Image
+
+from finetune.demo.workspace import stage_env
+from finetune.stages.evaluate import EvalPaths, run_evaluate
+from finetune.tracking.registry import promote, register_candidate
+from finetune.tracking.serving import encode as b64
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory, mlflow_server):
+    """A project whose random (image-dependent) fine-tuned model is registered and in production."""
+    env = stage_env() | {"MLFLOW_TRACKING_URI": mlflow_server}
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    project = project_with_data(tmp_path_factory.mktemp("serve") / "p", {"hotdog": 2, "not-hotdog": 2},
+                                **{"register.model_name": "served-classifier", "serve.max_image_mb": 1})
+    save_variant(project, "finetune", None, "serve-ft")
+    save_variant(project, "scratch", 1, "serve-sc")
+    run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
+    register_candidate(params(project), project / "models", project)
+    assert promote(params(project), project).action == "promoted"
+    yield project, env
+    patch.undo()
+
+
+def files(folder):
+    """Real images of several sizes and modes, and bad inputs."""
+    folder.mkdir(exist_ok=True)
+    made = {"small.jpg": jpeg((200, 40, 30)), "large.jpg": encode(photo(3, (1600, 1200)), "JPEG"),
+            "wide.png": encode(photo(4, (300, 40)), "PNG")}
+    made |= {name: make() for name, (make, _) in ODDITIES.items()}
+    made |= {"notes.jpg": b"this is text, not an image", "empty.png": b"", "bomb.png": huge_png()}
+    for name, data in made.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in made}
+
+
+def predict(project, env, *paths) -> tuple[int, dict[str, dict]]:
+    result = subprocess.run([sys.executable, "-m", "finetune", "predict", *map(str, paths)], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(paths), result.stdout + result.stderr
+    return result.returncode, {line["file"]: line for line in lines}
+
+
+def test_predict_classifies_any_image_and_names_bad_files(production, tmp_path):
+    project, env = production
+    images = files(tmp_path)
+    status, results = predict(project, env, *images.values())
+    assert status == 1  # some inputs are bad
+    for name in ["small.jpg", "large.jpg", "wide.png", *ODDITIES]:
+        row = results[str(images[name])]
+        assert row["class"] in ("hotdog", "not-hotdog"), row
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+        assert row["confidence"] == max(row["probabilities"].values())
+    assert "not an image" in results[str(images["notes.jpg"])]["error"]
+    assert "empty" in results[str(images["empty.png"])]["error"]
+    assert "validate.max_pixels" in results[str(images["bomb.png"])]["error"]
+    # The answer depends on the image (a real network, not a constant).
+    assert len({round(results[str(images[n])]["confidence"], 6) for n in ("small.jpg", "large.jpg", "wide.png")}) > 1
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def records(*images: bytes) -> bytes:
+    return json.dumps({"dataframe_records": [{"image": b64(data)} for data in images]}).encode()
+
+
+def test_served_endpoint_answers_like_predict_and_survives_bad_input(production, tmp_path):
+    project, env = production
+    images = files(tmp_path)
+    port = free_port()
+    server = start_server([sys.executable, "-m", "finetune", "serve", "--port", str(port)],
+                          f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env, cwd=project)
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        _, local = predict(project, env, images["small.jpg"], images["large.jpg"])
+        status, body = post(url, records(images["small.jpg"].read_bytes(), images["large.jpg"].read_bytes()))
+        assert status == 200, body
+        served = body["predictions"]
+        for row, name in zip(served, ("small.jpg", "large.jpg"), strict=True):
+            expected = local[str(images[name])]
+            assert row["class"] == expected["class"]
+            assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+
+        status, body = post(url, records(images["notes.jpg"].read_bytes()))
+        assert status == 400 and "not an image" in body["message"]
+        status, body = post(url, records(images["bomb.png"].read_bytes()))
+        assert status == 400 and "validate.max_pixels" in body["message"]
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8))
+        status, body = post(url, records(encode(noise, "PNG")))  # about 2 MB > serve.max_image_mb
+        assert status == 400 and "serve.max_image_mb" in body["message"]
+        status, body = post(url, b"")
+        assert 400 <= status < 500
+        status, body = post(url, json.dumps({"dataframe_records": [{"image": "%%% not base64"}]}).encode())
+        assert status == 400 and "not base64" in body["message"]
+        # ... and it still serves.
+        status, body = post(url, records(images["wide.png"].read_bytes()))
+        assert status == 200 and body["predictions"][0]["class"] in ("hotdog", "not-hotdog")
+    finally:
+        stop_server(server)
+
+
+def test_errors_grid_of_the_production_model(production):
+    project, env = production
+    result = subprocess.run([sys.executable, "-m", "finetune", "errors"], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "of 4 test images misclassified" in result.stdout
+    grid = project / params(project).evaluate.plots / "errors_production.png"
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_without_a_production_model_says_what_to_do(tmp_path, mlflow_server):
+    project = project_with_data(tmp_path / "p", {"hotdog": 1, "not-hotdog": 1},
+                                **{"register.model_name": "never-registered"})
+    env = stage_env() | {"MLFLOW_TRACKING_URI": mlflow_server}
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg((1, 2, 3)))
+    result = subprocess.run([sys.executable, "-m", "finetune", "predict", str(image)], cwd=project, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "models:/never-registered@production" in result.stderr and "promote" in result.stderr
