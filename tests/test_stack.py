@@ -10,9 +10,8 @@ import pytest
 
 
 def test_mlflow_records_a_run_in_a_sqlite_store(tmp_path):
-    from mlflow.tracking import MlflowClient
-
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)

@@ -14,13 +14,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from finetune.command import stage_main
 from finetune.config import Params
 from finetune.data.fetch import fetch
 from finetune.data.index import build_index, list_dataset
 from finetune.files import fingerprint_of, write_atomic
+from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
 from finetune.tracking.runs import MlflowCallback, pretrain_run
 from finetune.train.checkpoints import load_checkpoint
@@ -54,9 +53,7 @@ def pretrain(params: Params, out: Path, project: Path = Path(".")) -> Path | Non
     with pretrain_run(project, dataset.name, cfg.train, len(classes)):
         history = fit(model, train_loader, test_loader, cfg.train, runtime, target, fingerprint=fingerprint,
                       checkpoint=load_checkpoint(target, fingerprint), callbacks=[MlflowCallback()])
-    state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "classes": classes,
-             "arch": m.arch, "settings": cfg.model_dump(mode="json")}
-    write_atomic(target / "model.pt", lambda tmp: torch.save(state, tmp))
+    save_final(target / "model.pt", model, classes, m.arch, cfg.model_dump(mode="json"))
     log.info("source model: %d classes, test accuracy %.3f -> %s", len(classes), history[-1].test_acc,
              target / "model.pt")
     return target / "model.pt"

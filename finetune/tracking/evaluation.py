@@ -7,10 +7,10 @@ import logging
 import time
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.evaluate.metrics import VariantEval
 from finetune.tracking.store import use_store
 

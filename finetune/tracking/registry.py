@@ -16,10 +16,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.config import Params
 from finetune.data.lineage import data_version, git_commit
 from finetune.errors import FinetuneError

@@ -8,10 +8,10 @@ import json
 import logging
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 
-import mlflow
 from finetune.config import Params, TrainConfig
 from finetune.files import write_atomic
 from finetune.tracking.store import (

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import PIL
 import torch
@@ -28,7 +29,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-import mlflow
 from finetune.config import Params
 from finetune.errors import FinetuneError
 from finetune.evaluate.figures import errors_figure, save_png

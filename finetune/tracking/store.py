@@ -14,10 +14,10 @@ import os
 import platform
 from pathlib import Path
 
+import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.files import fingerprint_of
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from models import params, project_with_data, save_variant
 
-import mlflow
 from finetune.demo.workspace import write_params
 from finetune.model.classifier import read_final
 from finetune.stages.evaluate import EvalPaths, run_evaluate
