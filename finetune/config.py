@@ -245,6 +245,7 @@ class RetrainConfig(Section):
     timezone: str
     deployment: str = Field(min_length=1)
     if_running: Literal["wait", "skip"]  # a run that finds the workspace busy waits, or logs and skips
+    wait_timeout_s: float | None = Field(gt=0)  # how long a waiting run waits for the lock; None: no limit
 
     @field_validator("cron")
     @classmethod

@@ -65,9 +65,11 @@ def notify_failure(flow, flow_run, state) -> None:
 @flow(name="finetune-pipeline", on_failure=[notify_failure])
 def pipeline(workspace: str = ".") -> list[StageRun]:
     """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
-    fails the flow (and nothing after it runs). Waits while another run trains there."""
+    fails the flow (and nothing after it runs). Waits while another run trains there, saying
+    whom it waits for, at most ``retrain.wait_timeout_s``."""
     root = Path(workspace).resolve()
-    with workspace_lock(root, wait=True):
+    timeout = load_params(root / "params.yaml").retrain.wait_timeout_s
+    with workspace_lock(root, wait=True, timeout_s=timeout, say=get_run_logger().warning):
         runs, _ = run_pipeline(root)
     return runs
 

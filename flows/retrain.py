@@ -30,11 +30,12 @@ def retrain(workspace: str = ".") -> dict:
     root = Path(workspace).resolve()
     logger = get_run_logger()
     params = load_params(root / "params.yaml")
+    cfg = params.retrain
     try:
-        with workspace_lock(root, wait=params.retrain.if_running == "wait"):
+        with workspace_lock(root, wait=cfg.if_running == "wait", timeout_s=cfg.wait_timeout_s, say=logger.warning):
             runs, decision = run_pipeline(root, refresh=True)
     except WorkspaceBusy as err:
-        logger.warning("retraining skipped: %s (retrain.if_running: skip)", err)
+        logger.warning("retraining skipped: %s (retrain.if_running: %s)", err, cfg.if_running)
         return {"skipped": str(err)}
     return {"stages": {run.stage: not run.skipped for run in runs}, "decision": decision}
 

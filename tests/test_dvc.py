@@ -75,6 +75,20 @@ def test_editing_the_test_transform_makes_evaluate_stale(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+def test_a_failed_training_keeps_the_last_good_metrics_and_plots(workspace):
+    kept = ["metrics/train/scratch.json", "plots/train/scratch.csv"]
+    before = {name: (workspace / name).read_bytes() for name in kept}
+    params = (workspace / "params.yaml").read_text()
+    write_params(workspace / "params.yaml", workspace / "params.yaml", {"train.scratch.lr": -1})
+    try:
+        result = dvc(workspace, "repro", check=False)
+        assert result.returncode != 0 and "train.scratch.lr" in result.stderr + result.stdout
+        assert {name: (workspace / name).read_bytes() for name in kept} == before
+    finally:
+        (workspace / "params.yaml").write_text(params)
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
+
+
 def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
     before = tree_digest(workspace / "data" / "hotdog")
     lock = (workspace / "dvc.lock").read_text()

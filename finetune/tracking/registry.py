@@ -240,10 +240,12 @@ def _push_history(client: MlflowClient, name: str, version: str) -> None:
 
 
 def record(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:
-    """Tags on the versions involved and a line in the promotion log artifact."""
+    """Tags on the versions involved and a line in the promotion log artifact (which keeps every
+    decision). A version's ``promotion.*`` tags tell the challenge it was judged in: an
+    "unchanged" run of the gate leaves them alone, so production keeps the decision that made it."""
     name = decision.model_name
     stamp = decision.time
-    if decision.candidate:
+    if decision.candidate and decision.action in ("promoted", "refused"):
         for key, value in {"promotion.decision": decision.action, "promotion.reason": decision.reason,
                            "promotion.time": stamp}.items():
             client.set_model_version_tag(name, decision.candidate, key, value)

@@ -5,9 +5,11 @@ server), the workspace lock across processes, and the retrain flow skipping a bu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -82,7 +84,29 @@ def test_the_lock_is_free_again_after_use(tmp_path):
     with workspace_lock(tmp_path, wait=False):
         pass
     with workspace_lock(tmp_path, wait=False):
-        assert (tmp_path / ".finetune.lock").read_text().strip().isdigit()
+        pid, since = (tmp_path / ".finetune.lock").read_text().split()
+        assert int(pid) == os.getpid() and time.strptime(since, "%Y-%m-%dT%H:%M:%S%z")
+
+
+def test_a_waiting_run_says_whom_it_waits_for_and_gives_up_at_its_timeout(busy):
+    said = []
+    started = time.monotonic()
+    with pytest.raises(WorkspaceBusy, match=r"after waiting \d+ s \(retrain.wait_timeout_s: 1.5\)") as caught:
+        with workspace_lock(busy, wait=True, timeout_s=1.5, say=said.append):
+            pass
+    assert 1.5 <= time.monotonic() - started < 10
+    holder_pid = (busy / ".finetune.lock").read_text().split()[0]
+    assert len(said) == 1 and f"pid {holder_pid} since " in said[0] and "at most 2 s" in said[0]
+    assert f"pid {holder_pid} since " in str(caught.value)
+
+
+def test_a_waiting_run_goes_on_once_the_holder_is_gone(busy):
+    holder_pid = int((busy / ".finetune.lock").read_text().split()[0])
+    threading.Timer(1.0, os.kill, (holder_pid, 9)).start()
+    said = []
+    with workspace_lock(busy, wait=True, timeout_s=60, say=said.append):
+        assert (busy / ".finetune.lock").read_text().split()[0] == str(os.getpid())
+    assert len(said) == 1
 
 
 def test_report_markdown_from_the_stage_files(tmp_path):

@@ -80,6 +80,9 @@ def test_the_gate_promotes_better_refuses_worse_and_equal_and_rollback_restores(
     decision = promote(params(project), project)
     assert decision.action == "promoted" and decision.reason == "no production version yet"
     assert aliases(project)[PRODUCTION] == first.version
+    assert promote(params(project), project).action == "unchanged"  # the gate again, nothing new
+    kept = MlflowClient().get_model_version(first.model_name, first.version).tags
+    assert kept["promotion.decision"] == "promoted" and kept["promotion.reason"] == "no production version yet"
 
     write_params(project / "params.yaml", project / "params.yaml", {"register.min_improvement": 0.6})
     second = train_and_register(project, HOTDOG, OTHER, "v2")  # 0.75: better by 0.5, not by 0.6
@@ -114,9 +117,9 @@ def test_the_gate_promotes_better_refuses_worse_and_equal_and_rollback_restores(
         rollback(params(project), project)
 
     log = promotion_log(params(project), project)
-    assert [entry["action"] for entry in log] == ["promoted", "refused", "promoted", "refused", "refused",
-                                                  "rolled_back"]
-    assert log[1]["candidate_score"] == 0.75 and log[1]["production_score"] == 0.25
+    assert [entry["action"] for entry in log] == ["promoted", "unchanged", "refused", "promoted", "refused",
+                                                  "refused", "rolled_back"]
+    assert log[2]["candidate_score"] == 0.75 and log[2]["production_score"] == 0.25
 
 
 def test_promote_without_a_candidate_says_what_to_run(project):
