@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test bench ui serve scheduler deploy lock clean-demo
+.PHONY: install run demo test bench ui serve doctor scheduler deploy lock clean-demo
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ ui: $(STAMP)
 # to /invocations; the answer holds the class and every class's probability.
 serve: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune serve
+
+# Do dvc.lock, models/, the MLflow runs and the registry agree? Prints each mismatch with the
+# command that repairs it; exit 1 if any.
+doctor: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune doctor
 
 # Scheduled retraining (retrain.cron in params.yaml): a real Prefect server on 127.0.0.1:4200
 # (state in .prefect/) and the retrain deployment served against it; Ctrl-C stops both.

@@ -49,6 +49,19 @@ def cmd_rollback(params: Params, args: argparse.Namespace) -> None:
     print(f"{d.action}: {d.model_name} production {_v(d.production_before)} -> {_v(d.production_after)}")
 
 
+def cmd_doctor(params: Params, args: argparse.Namespace) -> int:
+    """Check that dvc.lock, models/, the MLflow runs and the registry agree; print each repair."""
+    from finetune.tracking.doctor import diagnose
+
+    findings = diagnose(params)
+    for f in findings:
+        print(f"{'problem' if f.fatal else 'note'}: {f.problem}\n  repair: {f.repair}")
+    if any(f.fatal for f in findings):
+        return 1
+    print("all consistent")
+    return 0
+
+
 def _v(version: str | None) -> str:
     return f"v{version}" if version else "(none)"
 
@@ -68,10 +81,10 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
-    """Serve a registered model (default: production) over REST with `mlflow models serve`."""
+    """Serve a registered model (default: production) over REST (MLflow's scoring app, behind limits)."""
     from finetune.tracking.serving import serve
 
-    serve(_model_uri(params, args), params.serve.host, args.port or params.serve.port)
+    serve(_model_uri(params, args), params.serve.host, args.port or params.serve.port, limits=params.serve)
 
 
 def cmd_errors(params: Params, args: argparse.Namespace) -> None:
@@ -124,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _registry_commands(sub) -> None:
-    """promote, rollback, predict, serve, errors."""
+    """promote, rollback, doctor, predict, serve, errors."""
     promote = sub.add_parser("promote", help=cmd_promote.__doc__)
     promote.add_argument("--version", help="promote this version instead of @candidate")
     promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
     promote.add_argument("--json", action="store_true", help="also print the decision as one JSON line")
     promote.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help=cmd_rollback.__doc__).set_defaults(func=cmd_rollback)
+    sub.add_parser("doctor", help=cmd_doctor.__doc__).set_defaults(func=cmd_doctor)
     model_help = "MLflow model URI (default: models:/<register.model_name>@production)"
     predict = sub.add_parser("predict", help=cmd_predict.__doc__)
     predict.add_argument("images", type=Path, nargs="+", help="image files (any size, any mode)")

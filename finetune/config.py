@@ -8,6 +8,7 @@ No defaults live here: params.yaml holds every value.
 from __future__ import annotations
 
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import ConfigError
+from finetune.model.archs import ARCHS, BLOCKS
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -138,6 +140,14 @@ class ModelConfig(Section):
     test_crop: int = Field(ge=16)
     resize_mode: Literal["squash", "aspect"]
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHS:
+            raise ValueError(f"{value!r} is not an architecture the factory builds; use one of {sorted(ARCHS)} "
+                             "(or add a row to ARCHS in finetune/model/archs.py)")
+        return value
+
     @model_validator(mode="after")
     def _crop_fits(self) -> ModelConfig:
         if self.test_crop > self.test_resize:
@@ -178,7 +188,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _gradual_plan(self) -> TrainConfig:
-        blocks = ("layer4", "layer3", "layer2", "layer1", "stem")
+        blocks = BLOCKS[1:]  # the output layer always trains
         bad = {e: b for e, b in self.unfreeze.items() if b not in blocks or not 1 < e <= self.epochs}
         if bad:
             raise ValueError(f"unfreeze entries {bad}: use epoch 2..{self.epochs} -> one of {blocks}")
@@ -236,6 +246,19 @@ class ServeConfig(Section):
     host: str
     port: int = Field(ge=1, le=65535)
     max_image_mb: float = Field(gt=0)  # larger encoded images are refused (400), as are > validate.max_pixels
+    max_pixels: int = Field(ge=1)  # the server refuses (400) an image whose header declares more, undecoded
+    max_request_mb: float = Field(gt=0)  # a larger request body is refused (413) before it is read or parsed
+
+    @model_validator(mode="after")
+    def _one_image_fits_a_request(self) -> ServeConfig:
+        # An image at max_image_mb arrives as base64 (4/3 of its size): a smaller body limit
+        # would refuse with 413 images that the image limit says are fine.
+        needed = self.max_image_mb * 4 / 3
+        if self.max_request_mb < needed:
+            raise ValueError(f"max_request_mb ({self.max_request_mb}) is below one image of max_image_mb "
+                             f"({self.max_image_mb}) in base64 ({needed:.1f} MB): raise max_request_mb "
+                             "or lower max_image_mb")
+        return self
 
 
 class RetrainConfig(Section):
@@ -308,9 +331,32 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a YAML mapping of sections (data:, demo:, ...).")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(path, err)) from None
+    check_weights_file(params.model.weights, path.parent)
+    return params
+
+
+def check_weights_file(weights: str, project: Path) -> None:
+    """A local ``model.weights`` that exists must be a file torch.save wrote (a zip holding
+    ``data.pkl``, or the legacy pickle); checked in milliseconds, without torch, so a wrong file
+    fails every stage before it does work. A missing file may still be made by the pretrain
+    stage: the train stage checks that one (finetune/model/factory.py)."""
+    path = project / weights
+    if weights in ("imagenet", "none") or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"\x80"):
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("data.pkl") for name in archive.namelist()):
+                return
+    raise ConfigError(f"model.weights: {path} is not a PyTorch state_dict file (not a file torch.save wrote). "
+                      "Save one with torch.save(model.state_dict(), path), or set model.weights to imagenet or "
+                      "none in params.yaml.")
 
 
 def _describe(path: Path, err: ValidationError) -> str:

@@ -11,3 +11,11 @@ class ConfigError(FinetuneError):
 
 class FetchError(FinetuneError):
     """The dataset could not be downloaded, verified or extracted; the previous one is intact."""
+
+
+class TrainingBusy(FinetuneError):
+    """Another process is training into the same output folder (it holds the folder's lock)."""
+
+
+class WriteError(FinetuneError):
+    """A file could not be written: no permission, a read-only or full disk, a file in the way."""

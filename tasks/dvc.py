@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from finetune.demo.workspace import stage_env
+from finetune.train.guard import WATCH_ENV, watch_entry
 
 # What `dvc repro` prints for a stage whose deps, params and outs are unchanged.
 _SKIPPED = "didn't change, skipping"
@@ -64,8 +66,10 @@ def run_stage(stage: str, workspace: Path, force: bool = False) -> StageRun:
 def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]:
     """Run ``command`` in ``workspace`` with the project's environment, every output line into
     ``logger`` as it comes; the exit status and the lines."""
-    # One MLflow parent run per flow run: the training stages nest their runs under it.
-    env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id()}
+    # One MLflow parent run per flow run: the training stages nest their runs under it. A
+    # training also stops when this flow process ends (killed worker, Ctrl-C), not only its dvc.
+    watch = " ".join(filter(None, [os.environ.get(WATCH_ENV, ""), watch_entry(os.getpid())]))
+    env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id(), WATCH_ENV: watch}
     lines = []
     with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:

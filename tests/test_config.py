@@ -64,6 +64,8 @@ def test_unknown_keys_are_named(tmp_path, extra, message):
         ("demo.max_side", 20, "max_side \\(20\\) is below min_side"),
         ("demo.num_classes", 1, "demo.num_classes"),
         ("train_defaults.epochs", 0, "train_defaults.epochs: Input should be greater than or equal to 1"),
+        ("model.arch", "resnet81", "model.arch: Value error, 'resnet81' is not an architecture the factory builds"),
+        ("retrain.wait_timeout_s", 0, "retrain.wait_timeout_s: Input should be greater than 0"),
     ],
 )
 def test_invalid_values_are_named(tmp_path, key, value, message):
@@ -193,3 +195,26 @@ def test_unknown_training_keys_are_named_where_they_are(tmp_path, line, named, n
         assert f"{key}: unknown key" in str(caught.value)
     for key in not_named:
         assert key not in str(caught.value)
+
+
+@pytest.mark.parametrize(("content", "accepted"), [
+    (None, True),  # missing: the pretrain stage may still make it; the train stage checks
+    (b"\xff\xd8\xff\xe0 a JPEG", False),
+    (b"just text", False),
+    ("torch", True),
+])
+def test_a_local_weights_file_must_be_one_torch_wrote(tmp_path, content, accepted):
+    path = tmp_path / "params.yaml"
+    write_params(REPO / "params.yaml", path, {"model.weights": "weights.pt"})
+    if content == "torch":
+        import torch
+
+        torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    elif content is not None:
+        (tmp_path / "weights.pt").write_bytes(content)
+    if accepted:
+        assert load_params(path).model.weights == "weights.pt"
+        return
+    with pytest.raises(ConfigError, match="model.weights: .*weights.pt is not a PyTorch state_dict file") as caught:
+        load_params(path)
+    assert "weights_only" not in str(caught.value)  # not torch's advice to unpickle anything

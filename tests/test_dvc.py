@@ -89,6 +89,24 @@ def test_a_failed_training_keeps_the_last_good_metrics_and_plots(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.parametrize(("key", "value"), [("model.arch", "resnet81"), ("model.weights", "JPEG")])
+def test_invalid_model_settings_stop_the_pipeline_before_dvc_records_them(workspace, key, value):
+    if value == "JPEG":  # a real image given as weights
+        value = str(next((workspace / "data" / "hotdog" / "train").rglob("*.jpg")).relative_to(workspace))
+    lock = (workspace / "dvc.lock").read_text()
+    params = (workspace / "params.yaml").read_text()
+    write_params(workspace / "params.yaml", workspace / "params.yaml", {key: value})
+    try:
+        result = dvc(workspace, "repro", check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and "error: " in output and key in output and "Traceback" not in output
+        assert "Running stage 'pretrain'" in output  # whose own work does not read model.arch
+        assert (workspace / "dvc.lock").read_text() == lock
+    finally:
+        (workspace / "params.yaml").write_text(params)
+    assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
+
+
 def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
     before = tree_digest(workspace / "data" / "hotdog")
     lock = (workspace / "dvc.lock").read_text()

@@ -81,8 +81,11 @@ def load_classifier(path: Path) -> Classifier:
                       state["settings"], info)
 
 
-def decode_image(data: bytes, source: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """An RGB image from encoded bytes (JPEG, PNG, ... any mode), checked before it is decoded.
+def decode_image(data: bytes, source: str, max_bytes: int, max_pixels: int,
+                 pixels_setting: str = "validate.max_pixels") -> Image.Image:
+    """An RGB image from encoded bytes (JPEG, PNG, ... any mode), checked before it is decoded:
+    the byte size, then the width x height its header declares (``pixels_setting`` is the key
+    that set ``max_pixels``, named in the message).
 
     Raises ImageError naming ``source`` for empty, oversized, unreadable or bomb-sized input.
     """
@@ -95,13 +98,13 @@ def decode_image(data: bytes, source: str, max_bytes: int, max_pixels: int) -> I
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             width, height = header.size
     except Image.DecompressionBombError as err:  # Pillow refuses twice its own limit outright
-        raise ImageError(f"{source}: over the limit of {max_pixels} pixels (validate.max_pixels): {err} "
+        raise ImageError(f"{source}: over the limit of {max_pixels} pixels ({pixels_setting}): {err} "
                          "Send a smaller image.") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageError(f"{source}: not an image Pillow can read ({err}); send a JPEG, PNG, GIF, BMP or WebP.") from None
     if width * height > max_pixels:
         raise ImageError(f"{source}: {width}x{height} pixels is over the limit of {max_pixels} "
-                         "(validate.max_pixels); send a smaller image.")
+                         f"({pixels_setting}); send a smaller image.")
     try:
         return load_image(io.BytesIO(data))
     except (OSError, ValueError, Image.DecompressionBombError) as err:

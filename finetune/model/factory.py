@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,37 +19,9 @@ from torchvision.models import WeightsEnum
 
 from finetune.errors import ConfigError, FinetuneError
 from finetune.files import file_digest
+from finetune.model.archs import ARCHS, Arch
 
 log = logging.getLogger(__name__)
-
-RESNET_BLOCKS = ("fc", "layer4", "layer3", "layer2", "layer1", "stem")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One architecture: how to build it, its ImageNet weights, and its blocks from the top
-    (the output layer first; gradual unfreezing walks down this list)."""
-
-    builder: Callable[..., nn.Module]
-    imagenet: WeightsEnum
-    blocks: tuple[str, ...]
-    # block name -> attributes of the network that make it up (default: the attribute of that name)
-    parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-# name -> architecture (timm style: one factory, the architecture chosen by name, one row each).
-# The ImageNet weights: IMAGENET1K_V1 for resnet18 as in the D2L book, else torchvision's default.
-_RESNET_PARTS = {"stem": ("conv1", "bn1")}
-ARCHS: dict[str, Arch] = {
-    "resnet18": Arch(torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-                     RESNET_BLOCKS, _RESNET_PARTS),
-    "resnet34": Arch(torchvision.models.resnet34, torchvision.models.get_model_weights("resnet34").DEFAULT,
-                     RESNET_BLOCKS, _RESNET_PARTS),
-    "resnet50": Arch(torchvision.models.resnet50, torchvision.models.get_model_weights("resnet50").DEFAULT,
-                     RESNET_BLOCKS, _RESNET_PARTS),
-}
-# The blocks every architecture here has (all are ResNets): what params.yaml's unfreeze may name.
-BLOCKS = RESNET_BLOCKS
 
 
 class WeightsError(FinetuneError):
@@ -61,10 +32,11 @@ def build_model(arch: str, weights: str, num_classes: int) -> nn.Module:
     """``arch`` with ``weights`` (imagenet | none | path to a state_dict) and a new
     ``num_classes``-way output layer."""
     spec = arch_spec(arch)
+    builder = getattr(torchvision.models, spec.builder)
     if weights == "imagenet":
-        model = _imagenet(spec.builder, spec.imagenet)
+        model = _imagenet(builder, imagenet_weights(arch))
     else:
-        model = spec.builder(weights=None)
+        model = builder(weights=None)
         if weights != "none":
             load_backbone(model, Path(weights))
     model.fc = new_head(model.fc.in_features, num_classes)
@@ -75,8 +47,14 @@ def arch_spec(arch: str) -> Arch:
     """The ARCHS row of ``arch``; a ConfigError naming params.yaml's key when there is none."""
     if arch not in ARCHS:
         raise ConfigError(f"model.arch {arch!r} in params.yaml is not known; use one of {sorted(ARCHS)} "
-                          "(or add a row to ARCHS in finetune/model/factory.py).")
+                          "(or add a row to ARCHS in finetune/model/archs.py).")
     return ARCHS[arch]
+
+
+def imagenet_weights(arch: str) -> WeightsEnum:
+    """torchvision's ImageNet weights of ``arch`` (the ARCHS row's ``imagenet``)."""
+    enum, _, member = arch_spec(arch).imagenet.partition(".")
+    return getattr(getattr(torchvision.models, enum), member)
 
 
 def new_head(in_features: int, num_classes: int) -> nn.Linear:
@@ -105,9 +83,7 @@ def _imagenet(builder: Callable[..., nn.Module], weights: WeightsEnum) -> nn.Mod
 def load_backbone(model: nn.Module, path: Path) -> None:
     """Load a local state_dict (or a checkpoint holding one under ``model``) into every layer
     but the output layer, whose shape belongs to the source task."""
-    if not path.is_file():
-        raise WeightsError(f"model.weights file {path} does not exist. Fix the path in params.yaml, "
-                           "or use imagenet or none.")
+    require_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -141,6 +117,13 @@ def block_modules(model: nn.Module, name: str, arch: str = "resnet18") -> list[n
     if name not in spec.blocks:
         raise ValueError(f"unknown block {name!r}; blocks are {spec.blocks}")
     return [getattr(model, part) for part in spec.parts.get(name, (name,))]
+
+
+def require_file(path: Path) -> None:
+    """A WeightsError unless the local weights file ``path`` exists."""
+    if not path.is_file():
+        raise WeightsError(f"model.weights file {path} does not exist. Fix the path in params.yaml, "
+                           "or use imagenet or none.")
 
 
 def weights_path(weights: str, project: Path) -> str:

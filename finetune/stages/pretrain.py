@@ -23,6 +23,7 @@ from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
 from finetune.tracking.runs import MlflowCallback, pretrain_run
 from finetune.train.checkpoints import load_checkpoint
+from finetune.train.guard import hold_folder, stop_with_starter
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit
 from finetune.train.runtime import resolve_runtime, seed_everything
@@ -32,9 +33,15 @@ log = logging.getLogger(__name__)
 
 def pretrain(params: Params, out: Path, project: Path = Path(".")) -> Path | None:
     """Fetch ``pretrain.data``, train on all its decodable images, save ``out/model.pt``."""
-    cfg = params.pretrain
     target = project / out
     target.mkdir(parents=True, exist_ok=True)
+    with hold_folder(target):  # one trainer per folder, or TrainingBusy at once
+        return _pretrain(params, target, project)
+
+
+def _pretrain(params: Params, target: Path, project: Path) -> Path | None:
+    """The pretrain stage's work in its locked output folder."""
+    cfg = params.pretrain
     if cfg.data is None:
         (target / "README.txt").write_text(
             "No source model: pretrain.data is null, so model.weights is used as it is.\n")
@@ -66,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> None:
     """Train the source model on pretrain.data (a no-op note when it is null)."""
+    stop_with_starter()  # a killed `dvc repro` must not leave this process training
     path = pretrain(params, args.out)
     print(f"source model: {path}" if path else f"no pretraining (pretrain.data is null): {args.out}")
 

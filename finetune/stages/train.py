@@ -29,10 +29,10 @@ from finetune.data.lineage import data_version, git_commit
 from finetune.errors import ConfigError
 from finetune.files import file_digest, fingerprint_of, write_atomic
 from finetune.model.classifier import save_final
-from finetune.model.factory import build_model, weights_digest, weights_path
+from finetune.model.factory import build_model, require_file, weights_digest, weights_path
 from finetune.tracking import runs
 from finetune.tracking.store import runtime_tags
-from finetune.train import distributed
+from finetune.train import distributed, guard
 from finetune.train.callbacks import EpochStats
 from finetune.train.checkpoints import load_checkpoint
 from finetune.train.distributed import Dist
@@ -68,16 +68,17 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
 
     Under torchrun every process trains its share; rank 0 alone logs to MLflow and writes."""
     cfg = params.train[variant]
-    runtime = resolve_runtime(cfg)
-    dist = distributed.start(runtime.device.type)
-    try:
-        runtime = _local_device(runtime, dist)
-        if not dist.main:  # one voice: rank 0 logs progress and results
-            logging.getLogger("finetune").setLevel(logging.WARNING)
-        seed_everything(cfg.seed, cfg.deterministic)  # the same new head in every process
-        return _train(params, variant, cfg, runtime, paths, project, dist)
-    finally:
-        distributed.stop(dist)
+    with guard.hold_folder(project / paths.out):  # one trainer per folder, or TrainingBusy at once
+        runtime = resolve_runtime(cfg)
+        dist = distributed.start(runtime.device.type)
+        try:
+            runtime = _local_device(runtime, dist)
+            if not dist.main:  # one voice: rank 0 logs progress and results
+                logging.getLogger("finetune").setLevel(logging.WARNING)
+            seed_everything(cfg.seed, cfg.deterministic)  # the same new head in every process
+            return _train(params, variant, cfg, runtime, paths, project, dist)
+        finally:
+            distributed.stop(dist)
 
 
 def _local_device(runtime: Runtime, dist: Dist) -> Runtime:
@@ -115,16 +116,19 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
             if checkpoint is None:
                 runs.log_setup(settings, cfg, version, commit, project, params, n_train, len(test_ds))
             runs.set_tags(runtime_tags(runtime.device, runtime.precision) | {"processes": str(dist.world)})
+        tracker = runs.MlflowCallback([EpochStats(**s) for s in checkpoint["history"]] if checkpoint else ())
         history = fit(model, train_loader, test_loader, cfg, runtime, out, fingerprint=fingerprint,
                       checkpoint=checkpoint, extra={"mlflow_run_id": run_id, "settings": settings},
-                      callbacks=[runs.MlflowCallback()] if dist.main else (), dist=dist)
+                      callbacks=[tracker] if dist.main else (), dist=dist)
         probs, truth = predict_all(model, test_loader, runtime, dist)
         test_acc = (probs.argmax(1) == truth).float().mean().item()
         if dist.main:
             save_final(out / "model.pt", model, classes, params.model.arch, settings, fingerprint=fingerprint,
                        mlflow_run_id=run_id, test_acc=test_acc)
             write_outputs(paths, project, history, test_acc, n_train, len(test_ds))
-            runs.log_results(model, test_ds, probs, truth, classes, params, project / paths.metrics)
+            # The outputs first: a tracking outage or a refused artifact then costs no training (the
+            # rerun resumes after the last epoch and logs only what the run misses).
+            runs.log_results(model, test_ds, probs, truth, classes, params, project / paths.metrics, tracker)
             runs.write_run_file(out, fingerprint, run_id, complete=True)
     log.info("%s: test accuracy %.3f after %d epochs (MLflow run %s)", variant, test_acc, cfg.epochs, run_id)
     return TrainResult(variant, test_acc, history, run_id, out / "model.pt")
@@ -152,8 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
     """Train one variant of train: (e.g. finetune, scratch) on the validated files."""
+    guard.stop_with_starter()  # a killed `dvc repro` must not leave this process training
     if args.variant not in params.train:
         raise ConfigError(f"no variant {args.variant!r} under train: in params.yaml; have {sorted(params.train)}")
+    if params.train[args.variant].init == "pretrained" and params.model.weights not in ("imagenet", "none"):
+        require_file(Path(params.model.weights))  # before any data is read
     nproc = params.train[args.variant].nproc_per_node
     if nproc > 1 and not distributed.launched():
         # The same command again, in nproc processes under torchrun (this process only waits).

@@ -91,6 +91,7 @@ def register_candidate(params: Params, models: Path, project: Path = Path(".")) 
         tags = version_tags(params, project, variant, run_id, fingerprint, document[variant])
         version = _new_version(client, params, project, checkpoint, run_id, tags)
     client.set_registered_model_alias(cfg.model_name, CANDIDATE, version.version)
+    run_id = version.tags.get("run_id") or run_id  # the run the model was logged to
     result = Registration(cfg.model_name, str(version.version), variant, run_id, cfg.metric,
                           document[variant][cfg.metric], reused)
     write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
@@ -105,7 +106,21 @@ def _version_with(client: MlflowClient, name: str, fingerprint: str | None):
         found = client.search_model_versions(f"name = '{name}' and tags.fingerprint = '{fingerprint}'")
     except MlflowException:
         return None
+    # A version whose run is gone (store partly lost) is not reused: registering again makes one
+    # that links to an existing run.
+    found = [v for v in found if run_exists(client, v.tags.get("run_id") or v.run_id)]
     return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def run_exists(client: MlflowClient, run_id: str | None) -> bool:
+    """Whether the tracking store holds the run ``run_id``."""
+    if not run_id:
+        return False
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
 
 
 def version_tags(params: Params, project: Path, variant: str, run_id: str, fingerprint: str, scores: dict) -> dict:
@@ -121,8 +136,12 @@ def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint
     """Log the servable classifier into the training run and register it."""
     limits = {"max_image_mb": params.serve.max_image_mb, "max_pixels": params.validate_.max_pixels}
     name = params.register_.model_name
-    with _run_for_model(client, run_id, project, params):
+    with _run_for_model(client, run_id, project, params) as run:
         info = log_classifier(checkpoint, project / "params.yaml", limits)
+    # The tag names the run that holds the model: the training run, or the new one made when
+    # the training run is gone from the store.
+    run_id = run.info.run_id
+    tags = tags | {"run_id": run_id}
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
         f"{tags['variant']} (run {tags['run_id']}), data {tags['data_version']}, commit {tags['git_commit']}"))
@@ -133,11 +152,9 @@ def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint
 def _run_for_model(client: MlflowClient, run_id: str | None, project: Path, params: Params):
     """The training run (so the version links to it), or a new run when the model has none."""
     if run_id:
-        try:
-            client.get_run(run_id)
+        if run_exists(client, run_id):
             return mlflow.start_run(run_id=run_id)
-        except MlflowException:
-            log.warning("run %s is not in the tracking store: the model goes into a new run", run_id)
+        log.warning("run %s is not in the tracking store: the model goes into a new run", run_id)
     experiment = pipeline_experiment(params.data.dir, project)
     return mlflow.start_run(experiment_id=experiment, run_name="register")
 
@@ -164,11 +181,18 @@ def score_version(params: Params, project: Path, version) -> float:
 def promote(params: Params, project: Path = Path("."), version: str | None = None, force: bool = False) -> Decision:
     """Move ``production`` to the candidate (or ``version``) if it beats production on the same
     test data by at least ``register.min_improvement`` and by more than nothing (or there is no
-    production yet, or ``force``); record the decision either way."""
+    production yet, or ``force``); record the decision either way.
+
+    An unreadable production (its files corrupted, its run or artifacts gone) is treated as no
+    valid production: a readable candidate is promoted, with ``production vN unreadable: <why>``
+    in the recorded reason and a warning in the log. Why this policy and not a refusal: a
+    production that cannot be loaded serves nothing (`serve` and `predict` fail on it), so any
+    model that loads is better, and the candidate loading from the same store shows the store
+    itself answers. An unreadable candidate is never promoted (RegistryError)."""
     cfg = params.register_
     use_store(project)
     client = MlflowClient()
-    candidate = client.get_model_version(cfg.model_name, version) if version else _alias(client, cfg.model_name, CANDIDATE)
+    candidate = _version(client, cfg.model_name, version) if version else _alias(client, cfg.model_name, CANDIDATE)
     if candidate is None:
         raise RegistryError(f"{cfg.model_name} has no version with the alias {CANDIDATE!r}: run the register "
                             "stage first (`dvc repro register`).")
@@ -181,6 +205,32 @@ def promote(params: Params, project: Path = Path("."), version: str | None = Non
     return decision
 
 
+def _version(client: MlflowClient, name: str, version: str):
+    """Version ``version`` of ``name``; RegistryError listing the versions there are when absent."""
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version} (registered versions: "
+                            f"{', '.join(registered_versions(client, name)) or 'none'}); "
+                            "name one of those in `python -m finetune promote --version N`.") from None
+
+
+def registered_versions(client: MlflowClient, name: str) -> list[str]:
+    """The versions of ``name`` in the registry, oldest first ([] when the model does not exist)."""
+    try:
+        return sorted((str(v.version) for v in client.search_model_versions(f"name = '{name}'")), key=int)
+    except MlflowException:
+        return []
+
+
+def try_score(params: Params, project: Path, version) -> tuple[float | None, str | None]:
+    """(score, None) for a version that loads and scores, (None, why) for one that does not."""
+    try:
+        return score_version(params, project, version), None
+    except Exception as err:  # corrupted files, a missing run or artifact: all mean "unreadable"
+        return None, (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _decide(params: Params, project: Path, candidate, production, force: bool) -> Decision:
     cfg = params.register_
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -190,12 +240,23 @@ def _decide(params: Params, project: Path, candidate, production, force: bool) -
         return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
                         candidate_score=None, production_score=None,
                         reason=f"version {candidate.version} is already production", **base)
-    cand_score = score_version(params, project, candidate)
+    cand_score, why = try_score(params, project, candidate)
+    if why is not None:
+        raise RegistryError(f"version {candidate.version} of {cfg.model_name} is unreadable ({why}): it is not "
+                            "promoted. Register a readable model (`dvc repro --force --single-item register`) or "
+                            "name another version (`python -m finetune promote --version N`); "
+                            "`python -m finetune doctor` lists what is wrong.")
     base["candidate_score"] = cand_score
     if production is None:
         return Decision("promoted", production_before=None, production_after=str(candidate.version), production_score=None,
                         reason="no production version yet", **base)
-    prod_score = score_version(params, project, production)
+    prod_score, why = try_score(params, project, production)
+    if why is not None:
+        reason = (f"production v{production.version} unreadable: {why}; treated as no valid production, "
+                  f"v{candidate.version} promoted ({cfg.metric} {cand_score:.4f})")
+        log.warning("%s", reason)
+        return Decision("promoted", production_before=str(production.version), production_after=str(candidate.version),
+                        production_score=None, reason=f"forced: {reason}" if force else reason, **base)
     gain = better(cfg.metric, cand_score, prod_score)
     passed = gain > 0 and gain >= cfg.min_improvement
     numbers = (f"{cfg.metric} {cand_score:.4f} (candidate v{candidate.version}) vs {prod_score:.4f} "
@@ -210,25 +271,39 @@ def _decide(params: Params, project: Path, candidate, production, force: bool) -
 
 
 def rollback(params: Params, project: Path = Path(".")) -> Decision:
-    """Move ``production`` back to the version that held it before the current one."""
+    """Move ``production`` back to the version that held it before the current one: the newest
+    entry of the production history that is still registered and is not the current production
+    (with the production alias gone, the newest registered entry). When there is none, the
+    error names the registered versions and `promote --version N`, which works from any state."""
     cfg = params.register_
     use_store(project)
     client = MlflowClient()
     current = _alias(client, cfg.model_name, PRODUCTION)
     history = _history(client, cfg.model_name)
-    if current is None or len(history) < 2:
-        raise RegistryError(f"{cfg.model_name} has no earlier production version to roll back to "
-                            f"(production history: {history or 'empty'}).")
-    history.pop()
-    previous = history[-1]
+    existing = registered_versions(client, cfg.model_name)
+    entries = [v for v in history if v in existing]
+    while entries and current is not None and entries[-1] == str(current.version):
+        entries.pop()
+    if not entries:
+        raise RegistryError(
+            f"{cfg.model_name} has no earlier production version to roll back to (production: "
+            f"{_v(current)}; production history: {history or 'empty'}; registered versions: "
+            f"{', '.join(existing) or 'none'}). Set production to any registered version with "
+            "`python -m finetune promote --version N` (add --force to skip the gate).")
+    previous = entries[-1]
     client.set_registered_model_alias(cfg.model_name, PRODUCTION, previous)
-    client.set_registered_model_tag(cfg.model_name, HISTORY_TAG, json.dumps(history))
-    decision = Decision("rolled_back", cfg.model_name, candidate=None, production_before=str(current.version),
+    client.set_registered_model_tag(cfg.model_name, HISTORY_TAG, json.dumps(entries))
+    decision = Decision("rolled_back", cfg.model_name, candidate=None,
+                        production_before=str(current.version) if current else None,
                         production_after=previous, metric=cfg.metric, candidate_score=None, production_score=None,
-                        min_improvement=cfg.min_improvement, reason=f"rollback from v{current.version} to v{previous}",
+                        min_improvement=cfg.min_improvement, reason=f"rollback from {_v(current)} to v{previous}",
                         time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record(client, params, project, decision)
     return decision
+
+
+def _v(version) -> str:
+    return f"v{version.version}" if version is not None else "no production alias"
 
 
 def _history(client: MlflowClient, name: str) -> list[str]:

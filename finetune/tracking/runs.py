@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
 
 from finetune.config import Params, TrainConfig
+from finetune.errors import FinetuneError
 from finetune.files import write_atomic
 from finetune.tracking.store import (
     experiment_id,
@@ -30,14 +39,89 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 
 
+# What a tracking server that is away (or refusing) raises through MLflow's client.
+TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
+MARKER = "train_loss"  # the metric whose logged steps say which epochs the run has
+RETRY_S = 30.0  # while the server is away, ask again after this long (and at the end of training)
+
+
+class TrackingUnavailable(FinetuneError):
+    """The tracking server did not answer by the end of training; the outputs are written."""
+
+
+class ArtifactStoreError(FinetuneError):
+    """The run's artifact store refused a file (permissions, a full disk, a file in the way)."""
+
+
 class MlflowCallback(Callback):
-    """Per-epoch metrics into the active MLflow run (step = epoch), the curves at the end."""
+    """Per-epoch metrics into the active MLflow run (step = epoch, each step logged once), the
+    curves at the end.
+
+    While the tracking server is away training goes on: every epoch's record is in the
+    checkpoint's history, so a failed log only notes that the run fell behind (one warning), and
+    the epochs the run misses are logged when the server answers again (an epoch's end at least
+    ``RETRY_S`` later, the end of training, or the rerun that resumes this run).
+    ``history``: the epochs of a resumed checkpoint."""
+
+    def __init__(self, history: Sequence[EpochStats] = ()) -> None:
+        self.history = list(history)
+        self.behind = False
+        self.failed_at = 0.0
+        self.run_id = ""
+        self.curves_logged = False
 
     def on_epoch_end(self, stats: EpochStats) -> None:
-        mlflow.log_metrics(epoch_metrics(stats), step=stats.epoch)
+        # An epoch repeated after a crash replaces its earlier record.
+        self.history = [s for s in self.history if s.epoch < stats.epoch] + [stats]
+        # Each try costs the bounded retries (seconds): not every epoch while the server is away.
+        if not self.behind or time.monotonic() - self.failed_at >= RETRY_S:
+            self.catch_up()
 
     def on_fit_end(self, history: list[EpochStats]) -> None:
-        mlflow.log_figure(curves(history), "curves.png")
+        self.history = list(history)
+        if self.catch_up():
+            try:
+                mlflow.log_figure(curves(history), "curves.png")
+                self.curves_logged = True
+            except TRACKING_ERRORS as err:
+                self.fell_behind(err)
+            except OSError as err:  # an artifact store that refuses: the train stage says so after its outputs
+                log.warning("could not log curves.png: %s", err)
+
+    def catch_up(self) -> bool:
+        """Log the epochs the run misses; False (training goes on) when the server is away."""
+        self.run_id = self.run_id or mlflow.active_run().info.run_id
+        try:
+            log_missing_epochs(self.run_id, self.history)
+        except TRACKING_ERRORS as err:
+            self.fell_behind(err)
+            return False
+        if self.behind:
+            log.info("MLflow (%s) answers again: run %s has all %d epochs", mlflow.get_tracking_uri(),
+                     self.run_id, len(self.history))
+        self.behind = False
+        return True
+
+    def fell_behind(self, err: Exception) -> None:
+        self.failed_at = time.monotonic()
+        if not self.behind:  # one warning per outage, not one per epoch
+            log.warning("MLflow (%s) does not answer (%s): training goes on, every epoch is in the "
+                        "checkpoint, and the missing epochs are logged when it answers again",
+                        mlflow.get_tracking_uri(), str(err).splitlines()[0][:200])
+        self.behind = True
+
+
+def log_missing_epochs(run_id: str, history: Sequence[EpochStats]) -> int:
+    """Log the epochs of ``history`` whose step the run does not have yet; how many it logged.
+    (A crash between an epoch's log and its checkpoint, or a resume, never logs a step twice.)"""
+    client = MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, MARKER)}
+    missing = [s for s in history if s.epoch not in logged]
+    now = int(time.time() * 1000)
+    for stats in missing:  # one request per epoch: all its metrics or none
+        values = epoch_metrics(stats).items()
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch) for k, v in values])
+    return len(missing)
 
 
 def epoch_metrics(stats: EpochStats) -> dict[str, float]:
@@ -58,7 +142,7 @@ def training_run(params: Params, variant: str, out: Path, fingerprint: str, proj
     experiment = pipeline_experiment(params.data.dir, project)
     if previous:
         log.info("continuing MLflow run %s", previous)
-        return mlflow.start_run(run_id=previous, log_system_metrics=True)
+        return ended(mlflow.start_run(run_id=previous, log_system_metrics=True))
     key = pipeline_key(version, commit, params.model.model_dump(mode="json"),
                        {name: t.model_dump() for name, t in params.train.items()})
     parent = parent_run(experiment, key, {"data_version": version, "git_commit": commit})
@@ -66,7 +150,30 @@ def training_run(params: Params, variant: str, out: Path, fingerprint: str, proj
                            log_system_metrics=True, tags={"variant": variant})
     # Written before the first epoch: a crash even then continues this run, not a new one.
     write_run_file(out, fingerprint, run.info.run_id, complete=False)
-    return run
+    return ended(run)
+
+
+@contextmanager
+def ended(run) -> Iterator:
+    """``run`` as a context: ended FINISHED, or FAILED on an error; a tracking server that is away
+    then leaves it RUNNING (the rerun continues it) rather than hiding the error."""
+    try:
+        yield run
+    except BaseException:
+        end_quietly(run.info.run_id, "FAILED")
+        raise
+    end_quietly(run.info.run_id, "FINISHED")
+
+
+def end_quietly(run_id: str, status: str) -> None:
+    """End the active run; if the server does not answer, warn and stop its system metrics."""
+    try:
+        mlflow.end_run(status)
+    except TRACKING_ERRORS as err:
+        log.warning("could not mark MLflow run %s %s (%s)", run_id, status, str(err).splitlines()[0][:200])
+        monitor = run_id_to_system_metrics_monitor.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
 
 
 def write_run_file(out: Path, fingerprint: str, run_id: str, complete: bool) -> None:
@@ -107,12 +214,51 @@ def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Para
     mlflow.log_artifact(str(project / "params.yaml"))
 
 
-def log_results(model, test_ds, probs, truth, classes, params: Params, metrics_file: Path) -> None:
+def log_results(model, test_ds, probs, truth, classes, params: Params, metrics_file: Path,
+                callback: MlflowCallback) -> None:
     """The final test accuracy, the prediction grid PNG, the metrics file, and the model with
-    signature and example."""
-    mlflow.log_metric("final_test_acc", (probs.argmax(1) == truth).float().mean().item())
-    mlflow.log_figure(prediction_grid(test_ds, probs, truth, classes), "predictions.png")
-    mlflow.log_artifact(str(metrics_file))
+    signature and example; each once, so a rerun after a failure logs only what is missing.
+
+    Raises :class:`TrackingUnavailable` when the tracking server is still away (the run misses
+    epochs), :class:`ArtifactStoreError` when the artifact store refuses a file."""
+    run_id, uri = callback.run_id, mlflow.get_tracking_uri()
+    try:
+        if callback.behind:  # on_fit_end has just asked
+            raise MlflowException("no answer by the end of training")
+        if not callback.curves_logged:
+            mlflow.log_figure(curves(callback.history), "curves.png")
+        logged = MlflowClient().get_run(run_id).data.metrics
+        if "final_test_acc" not in logged:
+            mlflow.log_metric("final_test_acc", (probs.argmax(1) == truth).float().mean().item())
+        mlflow.log_figure(prediction_grid(test_ds, probs, truth, classes), "predictions.png")
+        mlflow.log_artifact(str(metrics_file))
+        if not model_logged(run_id):
+            log_model(model, classes, params)
+    except TRACKING_ERRORS as err:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} is away or refusing ({str(err).splitlines()[0][:200]}); training "
+            f"finished and wrote its checkpoint and model.pt, but run {run_id} misses epochs or results. "
+            "Once the server answers, rerun `dvc repro`: it continues the same run and logs the rest "
+            "without training again.") from None
+    except OSError as err:
+        location = err.filename or mlflow.get_artifact_uri()
+        raise ArtifactStoreError(
+            f"the MLflow artifact store could not write {location} ({err.strerror or err}); training finished "
+            f"and wrote its checkpoint and model.pt. Make the artifact location of {uri} writable (check the "
+            "folder's permissions, free disk space, remove a file that stands where a folder should be), "
+            "then rerun `dvc repro`: it continues the same run and logs the rest.") from None
+
+
+def model_logged(run_id: str) -> bool:
+    """Whether the run already has its model (a failed upload leaves it not READY)."""
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
+                                        output_format="list")
+    return any(str(m.status).endswith("READY") for m in found)
+
+
+def log_model(model, classes, params: Params) -> None:
+    """The model with signature and an example input, as MLflow's pytorch flavour."""
     model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     crop = params.model.test_crop
     example = np.zeros((1, 3, crop, crop), dtype=np.float32)

@@ -22,6 +22,11 @@ from finetune.files import fingerprint_of
 
 log = logging.getLogger(__name__)
 PIPELINE_TAG = "finetune.pipeline"
+# A tracking server that is away costs seconds per request, not MLflow's default minutes (120 s
+# timeout, 7 retries with backoff 2: about 4 min per call): training goes on without it and
+# logs what is missing when it answers again (finetune/tracking/runs.py).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def tracking_uri(project: Path) -> str:
@@ -34,6 +39,8 @@ def use_store(project: Path) -> str:
     uri = tracking_uri(project)
     # Artifact downloads draw progress bars; in stage logs they are noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)  # the user's own values win
     if uri.startswith("sqlite:///"):
         (project / "mlflow").mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)

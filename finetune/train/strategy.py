@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.model.factory import BLOCKS, block_modules
+from finetune.model.archs import BLOCKS
+from finetune.model.factory import block_modules
 
 # --- freezing -------------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ from images import write_content
 from torch import nn
 
 from finetune.errors import ConfigError
-from finetune.model.factory import ARCHS, BLOCKS, WeightsError, block_modules, build_model
+from finetune.model.archs import ARCHS, BLOCKS
+from finetune.model.factory import WeightsError, block_modules, build_model, imagenet_weights
 from finetune.train.strategy import freeze, param_groups, train_mode, unfreeze
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the file name in ResNet18_Weights.IMAGENET1K_V1.url
@@ -66,7 +67,7 @@ def test_missing_imagenet_weights_say_where_to_put_the_file(tmp_path, monkeypatc
     message = str(caught.value)
     # The path named is where torch's own code looked (and will look next time).
     [(url, dst)] = tried
-    assert url == ARCHS[arch].imagenet.url and dst.startswith(str(tmp_path))
+    assert url == imagenet_weights(arch).url and dst.startswith(str(tmp_path))
     assert dst in message and url in message and "model.weights" in message and "URLError" in message
 
 

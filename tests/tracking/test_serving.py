@@ -1,5 +1,5 @@
 """The production model in use: `python -m finetune predict` in-process and `python -m finetune
-serve` (`make serve`: `mlflow models serve`) answering real HTTP requests, against a real
+serve` (`make serve`: MLflow's scoring app in uvicorn) answering real HTTP requests, against a real
 `mlflow server`. Both must give the same answer for the same file, and refuse bad input clearly."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_served_endpoint_answers_like_predict_and_survives_bad_input(production,
         status, body = post(url, records(images["notes.jpg"].read_bytes()))
         assert status == 400 and "not an image" in body["message"]
         status, body = post(url, records(images["bomb.png"].read_bytes()))
-        assert status == 400 and "validate.max_pixels" in body["message"]
+        assert status == 400 and "serve.max_pixels" in body["message"]  # the server's limit, below validate's
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8))
         status, body = post(url, records(encode(noise, "PNG")))  # about 2 MB > serve.max_image_mb
         assert status == 400 and "serve.max_image_mb" in body["message"]

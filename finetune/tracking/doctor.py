@@ -1,0 +1,148 @@
+"""`python -m finetune doctor`: do dvc.lock, models/, the MLflow runs and the registry agree?
+
+Each check that fails gives one :class:`Finding`: what is wrong and the exact command that repairs
+it. Notes (``fatal=False``) are printed but do not fail the check: a training run lost with the
+store, for a model that is not registered, costs its history, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from finetune.config import Params
+from finetune.model.classifier import read_final
+from finetune.tracking.registry import CANDIDATE, PRODUCTION, registered_versions, run_exists
+from finetune.tracking.serving import load_served
+from finetune.tracking.store import use_store
+
+REGISTER = "dvc repro --force --single-item register"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One mismatch: what is wrong, the command that repairs it; ``fatal=False`` for a note."""
+
+    problem: str
+    repair: str
+    fatal: bool = True
+
+
+def diagnose(params: Params, project: Path = Path(".")) -> list[Finding]:
+    """Every mismatch between dvc.lock, models/, the MLflow runs and the registry."""
+    use_store(project)
+    client = MlflowClient()
+    name = params.register_.model_name
+    fingerprints = _registered_fingerprints(client, name)
+    findings = []
+    for variant, path in _model_files(params, project).items():
+        findings += _check_model(client, project, variant, path, fingerprints)
+    findings += _check_record(client, params, project)
+    findings += _check_aliases(client, name, project)
+    return findings
+
+
+def _model_files(params: Params, project: Path) -> dict[str, Path]:
+    """models/<variant>/model.pt of every variant under train: and every train stage dvc.lock
+    knows (the source model of pretrain is no variant: it is never registered)."""
+    files = {variant: project / "models" / variant / "model.pt" for variant in params.train}
+    lock = project / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    for stage in stages:
+        if stage.startswith("train@"):
+            variant = stage.split("@", 1)[1]
+            files.setdefault(variant, project / "models" / variant / "model.pt")
+    return files
+
+
+def _registered_fingerprints(client: MlflowClient, name: str) -> set[str]:
+    """Fingerprints of the versions whose run exists (their model is in the store)."""
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return set()
+    return {v.tags.get("fingerprint") for v in found if run_exists(client, v.tags.get("run_id") or v.run_id)}
+
+
+def _check_model(client, project: Path, variant: str, path: Path, fingerprints: set[str]) -> list[Finding]:
+    """The model file loads; its training run exists (or the model is registered elsewhere)."""
+    shown = path.relative_to(project) if path.is_relative_to(project) else path
+    try:
+        state = read_final(path)
+    except Exception as err:
+        return [Finding(f"{shown} is unreadable: {str(err).splitlines()[0]}",
+                        f"dvc repro --force --single-item train@{variant}")]
+    run_id = state.get("mlflow_run_id")
+    if run_exists(client, run_id) or state.get("fingerprint") in fingerprints:
+        return []
+    return [Finding(f"{shown} names MLflow run {run_id or '(none)'}, which is not in the tracking store "
+                    "(its training history is lost; the model file is fine)",
+                    f"{REGISTER} (re-registers the winner without retraining; "
+                    f"`dvc repro --force --single-item train@{variant}` retrains to record the run again)",
+                    fatal=False)]
+
+
+def _check_record(client, params: Params, project: Path) -> list[Finding]:
+    """reports/register.json (register.record) names a version that exists and whose run exists."""
+    record = project / params.register_.record
+    lock = project / "dvc.lock"
+    if not record.is_file():
+        done = lock.is_file() and "register" in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {})
+        return [Finding(f"dvc.lock records the register stage but {params.register_.record} is missing",
+                        REGISTER)] if done else []
+    document = json.loads(record.read_text())
+    name, version = document.get("model_name"), str(document.get("version"))
+    if version not in registered_versions(client, name):
+        return [Finding(f"{params.register_.record} names {name} version {version}, which is not in the "
+                        "registry (the MLflow store was lost or reset); DVC still thinks register is done",
+                        REGISTER)]
+    tag = client.get_model_version(name, version).tags.get("run_id")
+    if not run_exists(client, tag):
+        return [Finding(f"{name} version {version} (in {params.register_.record}) has run_id tag {tag or '(none)'}, "
+                        "which is not in the tracking store", REGISTER)]
+    return []
+
+
+def _check_aliases(client, name: str, project: Path) -> list[Finding]:
+    """``candidate`` and ``production`` point at versions whose model loads."""
+    findings, readable = [], None
+    try:
+        aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return []  # nothing registered: the record check says what to run
+    for alias in (CANDIDATE, PRODUCTION):
+        if alias not in aliases:
+            continue
+        why = _unreadable(f"models:/{name}/{aliases[alias]}", project)
+        if why is None:
+            continue
+        if alias == CANDIDATE:
+            findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REGISTER))
+            continue
+        readable = _readable_version(client, name, project, exclude=aliases[alias])
+        repair = (f"python -m finetune promote --force (or python -m finetune promote --version {readable})"
+                  if readable else f"{REGISTER}, then python -m finetune promote --force")
+        findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", repair))
+    return findings
+
+
+def _unreadable(uri: str, project: Path) -> str | None:
+    """None when the model at ``uri`` loads, else why not (first line)."""
+    try:
+        load_served(uri, project)
+    except Exception as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return None
+
+
+def _readable_version(client, name: str, project: Path, exclude: str) -> str | None:
+    """The newest version other than ``exclude`` whose model loads."""
+    for version in reversed(registered_versions(client, name)):
+        if version != exclude and _unreadable(f"models:/{name}/{version}", project) is None:
+            return version
+    return None

@@ -1,0 +1,172 @@
+"""One trainer per output folder, and no trainer without the process that started it.
+
+``hold_folder``: an exclusive lock (fcntl) on ``<out>/.train.lock`` for the whole training, so a
+second training of the same folder fails at once and names the holder. The file is removed
+before the lock is released: ``<out>`` is a DVC output, and after a finished training it must
+hold only what the training wrote (a killed training leaves the file; the next one removes it).
+
+``stop_with_starter``: the training process ends (SIGKILL, like ``kill -9``: the last checkpoint
+is whole, since checkpoints are written atomically) when the process that started it ends, e.g.
+a killed ``dvc repro``. DVC runs a stage through ``$SHELL -c`` (``/bin/sh`` when unset); bash
+replaces itself by the command but dash stays in between and survives the death of DVC, so the
+parent-death signal alone is not enough: a watch thread checks the starter itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from finetune.errors import TrainingBusy
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".train.lock"
+# Processes to watch as "pid:start-time" words: each process adds its starter for its children
+# (torchrun's workers watch what started the launcher); a flow may add itself.
+WATCH_ENV = "FINETUNE_WATCH"
+POLL_S = 0.5
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
+_PR_SET_PDEATHSIG = 1
+
+
+@contextmanager
+def hold_folder(out: Path) -> Iterator[None]:
+    """Hold ``out``'s training lock while the block runs; TrainingBusy at once if another has it.
+
+    Under torchrun rank 0 holds it for all ranks: they share the folder, and rank 0 writes it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    handle = _lock(path, out)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        handle.flush()
+        for leftover in out.glob(".*.tmp"):  # write_atomic's files of a killed training
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: nobody else can hold this file now
+        handle.close()
+
+
+def _lock(path: Path, out: Path) -> TextIO:
+    """An open, exclusively locked handle on ``path`` (the file that is there now)."""
+    while True:
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, since = holder(handle)
+            handle.close()
+            raise TrainingBusy(
+                f"{out} is being trained by another process (pid {pid}, since {since}; lock file {path}): "
+                f"two trainings of one folder would overwrite each other's checkpoint and MLflow run. Wait "
+                f"for it to finish, or stop it (kill {pid}) and rerun: the rerun resumes from its last "
+                "checkpoint.") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # its last holder removed it between our open and lock: lock the new one
+
+
+def holder(handle: TextIO) -> tuple[str, str]:
+    """(pid, since) as the lock file says; "?" where it does not say yet."""
+    handle.seek(0)
+    pid, _, since = handle.read().strip().partition(" ")
+    return pid or "?", since or "?"
+
+
+def stop_with_starter() -> None:
+    """End this process when its starter ends (Linux; elsewhere a no-op).
+
+    The starter is the nearest ancestor that is not a ``sh -c`` wrapper: ``dvc repro``, a flow,
+    a test. A process started by hand from an interactive shell is left alone (``nohup`` must
+    work), and so is one whose starter is init. Processes named in ``FINETUNE_WATCH`` are
+    watched too; this one's starter is added there for the processes it starts (torchrun)."""
+    if not sys.platform.startswith("linux"):
+        return
+    watched = [w for w in os.environ.get(WATCH_ENV, "").split() if re.fullmatch(r"\d+:\d+", w)]
+    starter = _starter()
+    if starter is not None:
+        watched.append(starter)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # the direct parent
+    if not watched:
+        return
+    os.environ[WATCH_ENV] = " ".join(dict.fromkeys(watched))
+    threading.Thread(target=_watch, args=(watched,), name="finetune-starter-watch", daemon=True).start()
+
+
+def watch_entry(pid: int) -> str:
+    """``pid:start`` of a live process, for ``FINETUNE_WATCH``: trainings started below it (through
+    ``dvc repro``) stop when it ends."""
+    return f"{pid}:{_stat(pid)[2]}"
+
+
+def _starter() -> str | None:
+    """``pid:start`` of the nearest ancestor that is not a ``sh -c`` wrapper; None for init or
+    an interactive shell."""
+    pid = os.getppid()
+    while pid > 1:
+        comm, ppid, start = _stat(pid)
+        if comm is None:
+            return None
+        if comm not in _SHELLS:
+            return f"{pid}:{start}"
+        if "-c" not in _cmdline(pid):
+            return None  # started by hand: the terminal (SIGHUP) decides, not us
+        pid = ppid
+    return None
+
+
+def _watch(watched: list[str]) -> None:
+    """Poll the watched processes; SIGKILL this one when any of them is gone."""
+    while True:
+        for entry in watched:
+            pid, _, start = entry.partition(":")
+            if _stat(int(pid))[2] != start:
+                log.error("stopping: pid %s, which started this training, has ended; the checkpoint of the "
+                          "last finished epoch is kept and a rerun resumes from it", pid)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(POLL_S)
+
+
+def _stat(pid: int) -> tuple[str | None, int, str]:
+    """(command name, parent pid, start time in clock ticks) of ``pid``; (None, 0, "") if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None, 0, ""
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has ended; only its parent has not collected it yet
+        return None, 0, ""
+    return comm, int(fields[1]), fields[19]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []

@@ -1,0 +1,132 @@
+"""Checkpoints that cannot be read or written: a message and a way on, never a raw traceback."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_training import OnEpoch, fit_tiny, make_project
+
+from finetune.errors import WriteError
+from finetune.files import write_atomic
+from finetune.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return make_project(tmp_path)
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_training_starts_again(project, caplog):
+    model, run = fit_tiny(project, epochs=1)
+    run()
+    folder = project / "models" / "t"
+    path = folder / CHECKPOINT
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # cut off, as by a full disk or a copy that stopped
+
+    with caplog.at_level(logging.WARNING, logger="finetune.train.checkpoints"):
+        assert load_checkpoint(folder, "t") is None
+    (aside,) = folder.glob(f"{CHECKPOINT}.corrupt-*")
+    assert not path.exists() and aside.read_bytes() == data[: len(data) // 2]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(path) in record.getMessage() and str(aside) in record.getMessage()
+
+    model2, run2 = fit_tiny(project, epochs=2)
+    epochs = []
+    run2(checkpoint=load_checkpoint(folder, "t"), callbacks=[OnEpoch(lambda s: epochs.append(s.epoch))])
+    assert epochs == [1, 2] and load_checkpoint(folder, "t")["epoch"] == 2
+
+
+def test_a_file_that_is_no_checkpoint_is_set_aside_too(tmp_path):
+    (tmp_path / CHECKPOINT).write_bytes(b"")  # an empty file: torch's EOFError
+    assert load_checkpoint(tmp_path, "t") is None
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [f"{CHECKPOINT}.corrupt"]
+
+
+@contextmanager
+def as_another_user():
+    """Run the block as an unprivileged user: root writes through any chmod."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)  # nobody
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_an_unwritable_folder_is_a_message_naming_the_path_and_the_fix():
+    root = Path(tempfile.mkdtemp(prefix="unwritable-"))  # under /tmp: every user may pass through
+    folder = root / "models"
+    folder.mkdir()
+    (folder / CHECKPOINT).write_bytes(b"old")
+    root.chmod(0o755)
+    folder.chmod(0o555)
+    try:
+        with as_another_user(), pytest.raises(WriteError) as caught:
+            save_checkpoint(folder, {"epoch": 1})
+        assert (folder / CHECKPOINT).read_bytes() == b"old" and [p.name for p in folder.iterdir()] == [CHECKPOINT]
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(root)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {folder / CHECKPOINT}: Permission denied; ")
+    assert f"write access to {folder}" in message
+
+
+def test_a_file_in_the_way_of_the_folder_is_a_message(tmp_path):
+    (tmp_path / "models").write_text("not a folder")
+    target = tmp_path / "models" / "finetune" / "model.pt"
+    with pytest.raises(WriteError) as caught:
+        write_atomic(target, lambda tmp: tmp.write_text("x"))
+    assert str(caught.value).startswith(f"cannot write {target}: ")
+    assert f"; {tmp_path / 'models'} is a file where a folder is expected: move it away" in str(caught.value)
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    """A 256 KiB tmpfs: a real full disk (needs root's mount; skipped elsewhere)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # torch may still hold its file open
+
+
+@pytest.mark.parametrize("torch_save_to_path", [False, True])
+def test_a_full_disk_is_a_message_and_keeps_the_old_checkpoint(full_disk, torch_save_to_path):
+    import torch
+
+    (full_disk / CHECKPOINT).write_bytes(b"old")
+    state = {"weights": torch.zeros(200_000)}  # 800 KB: more than the disk holds
+    with pytest.raises(WriteError) as caught:
+        if torch_save_to_path:  # torch's own "unexpected pos" error: the free space tells
+            write_atomic(full_disk / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        else:
+            save_checkpoint(full_disk, state)
+    assert str(caught.value).startswith(f"cannot write {full_disk / CHECKPOINT}: {os.strerror(errno.ENOSPC)}; ")
+    assert "df -h" in str(caught.value)
+    assert (full_disk / CHECKPOINT).read_bytes() == b"old" and [p.name for p in full_disk.iterdir()] == [CHECKPOINT]
+
+
+def test_other_errors_of_the_writer_pass_unchanged(tmp_path):
+    def fail(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "some input"))
+
+    with pytest.raises(PermissionError):  # about another file: not write_atomic's to explain
+        write_atomic(tmp_path / "out.txt", fail)
