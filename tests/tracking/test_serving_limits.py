@@ -26,11 +26,11 @@ from conftest import free_port, jpeg, start_server, stop_server
 from images import png_chunk, rgb_jpeg
 from models import params, project_with_data, save_variant
 from PIL import Image
+from test_serving import post, records
 
 from finetune.demo.workspace import stage_env
 from finetune.stages.evaluate import EvalPaths, run_evaluate
 from finetune.tracking.registry import promote, register_candidate
-from finetune.tracking.serving import encode as b64
 
 pytestmark = pytest.mark.slow
 
@@ -61,19 +61,6 @@ def server(tmp_path_factory, mlflow_server):
     yield f"http://127.0.0.1:{port}", process.pid, root / "serve.log"
     stop_server(process)
     patch.undo()
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def records(*images: bytes) -> bytes:
-    return json.dumps({"dataframe_records": [{"image": b64(data)} for data in images]}).encode()
 
 
 def raw_exchange(base: str, head: str, body_chunks=()) -> tuple[int, dict, float]:
