@@ -17,13 +17,15 @@ from finetune.tracking.registry import register_candidate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--models``: the folder of the train stages' outputs."""
+    """``--models``: the folder of the train stages' outputs; ``--new-version``: no reuse."""
     parser.add_argument("--models", type=Path, required=True, help="folder of <variant>/model.pt")
+    parser.add_argument("--new-version", action="store_true",
+                        help="register a new version even if this training has one (e.g. its files are broken)")
 
 
 def run(params: Params, args: argparse.Namespace) -> None:
     """Register the variant that wins on register.metric as a new version, alias ``candidate``."""
-    r = register_candidate(params, args.models)
+    r = register_candidate(params, args.models, reuse=not args.new_version)
     how = "already registered as" if r.reused else "registered as"
     print(f"{r.variant} ({r.metric} {r.value:.4f}, run {r.run_id}) {how} {r.model_name} version {r.version} "
           f"@candidate")

@@ -22,6 +22,8 @@ from finetune.tracking.serving import load_served
 from finetune.tracking.store import use_store
 
 REGISTER = "dvc repro --force --single-item register"
+# A version whose files are broken is not replaced by REGISTER (it reuses the same training's version).
+REREGISTER = "python -m finetune.stages.register --models models --new-version"
 
 
 @dataclass(frozen=True)
@@ -122,11 +124,11 @@ def _check_aliases(client, name: str, project: Path) -> list[Finding]:
         if why is None:
             continue
         if alias == CANDIDATE:
-            findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REGISTER))
+            findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REREGISTER))
             continue
         readable = _readable_version(client, name, project, exclude=aliases[alias])
         repair = (f"python -m finetune promote --force (or python -m finetune promote --version {readable})"
-                  if readable else f"{REGISTER}, then python -m finetune promote --force")
+                  if readable else f"{REREGISTER}, then python -m finetune promote --force")
         findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", repair))
     return findings
 

@@ -72,8 +72,10 @@ class Decision:
 # --- register --------------------------------------------------------------------------------------
 
 
-def register_candidate(params: Params, models: Path, project: Path = Path(".")) -> Registration:
-    """Register the winning variant's model as a new version with the alias ``candidate``."""
+def register_candidate(params: Params, models: Path, project: Path = Path("."), reuse: bool = True) -> Registration:
+    """Register the winning variant's model as a new version with the alias ``candidate``; with
+    ``reuse``, a version of the same training (fingerprint) whose run exists is taken instead
+    (``reuse=False`` replaces one whose files in the artifact store are broken)."""
     cfg = params.register_
     metrics_file = project / params.evaluate.metrics
     if not metrics_file.exists():
@@ -85,7 +87,7 @@ def register_candidate(params: Params, models: Path, project: Path = Path(".")) 
     run_id, fingerprint = classifier.info.get("mlflow_run_id"), classifier.info.get("fingerprint")
     use_store(project)
     client = MlflowClient()
-    version = _version_with(client, cfg.model_name, fingerprint)
+    version = _version_with(client, cfg.model_name, fingerprint) if reuse else None
     reused = version is not None
     if version is None:
         tags = version_tags(params, project, variant, run_id, fingerprint, document[variant])

@@ -84,7 +84,13 @@ def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
     with pytest.raises(RegistryError, match="version 4 .* is unreadable"):
         promote(params(project), project, force=True)
     assert production(project) == "3"
-    assert cli(project, "finetune", "doctor").returncode == 1  # the candidate does not load
+    broken = cli(project, "finetune", "doctor")  # the candidate does not load
+    assert broken.returncode == 1 and "@candidate (v4) does not load" in broken.stdout, broken.stdout
+    repair = "python -m finetune.stages.register --models models --new-version"
+    assert f"repair: {repair}" in broken.stdout
+    fixed = cli(project, *repair.split()[2:])  # from the same model.pt, no training
+    assert fixed.returncode == 0 and "registered as hotdog-classifier version 5 @candidate" in fixed.stdout, fixed.stderr
+    assert promote(params(project), project).action in ("promoted", "refused")  # v5 loads and is scored
 
 
 def test_a_lost_store_is_re_registered_without_retraining(project):
