@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from finetune.config import PARAMS_FILE, Params, load_params
+from finetune.config import PARAMS_FILE, Params, check_weights_file, load_params
 from finetune.errors import FinetuneError
 
 Handler = Callable[[Params, argparse.Namespace], "int | None"]
@@ -47,6 +47,26 @@ def execute(handler: Handler, args: argparse.Namespace) -> int:
         print(f"error: MLflow ({os.environ.get('MLFLOW_TRACKING_URI') or 'the local store'}): {err}", file=sys.stderr)
         return 1
     return status or 0
+
+
+def check_params_first(module: str, stage: str) -> None:
+    """Under ``python -m finetune.stages.<stage>``: read and check params.yaml (and, for ``train``,
+    that the variant's local weights file exists) before the stage module imports torch and MLflow,
+    which takes seconds, so a wrong setting fails in milliseconds, before the stage does any work
+    and before DVC records anything. A no-op when the module is imported rather than run."""
+    if module != "__main__":
+        return
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--params", type=Path, default=PARAMS_FILE)
+    args, rest = early.parse_known_args()
+    try:
+        params = load_params(args.params)
+        variant = params.train.get(next((a for a in rest if not a.startswith("-")), ""))
+        if stage == "train" and variant is not None and variant.init == "pretrained":
+            check_weights_file(params.model.weights, args.params.parent, must_exist=True)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def stage_main(module: str, description: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],

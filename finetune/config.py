@@ -338,13 +338,18 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return params
 
 
-def check_weights_file(weights: str, project: Path) -> None:
+def check_weights_file(weights: str, project: Path, must_exist: bool = False) -> None:
     """A local ``model.weights`` that exists must be a file torch.save wrote (a zip holding
     ``data.pkl``, or the legacy pickle); checked in milliseconds, without torch, so a wrong file
     fails every stage before it does work. A missing file may still be made by the pretrain
-    stage: the train stage checks that one (finetune/model/factory.py)."""
+    stage, so only ``must_exist`` (the train stage of a pretrained variant) refuses it."""
     path = project / weights
-    if weights in ("imagenet", "none") or not path.is_file():
+    if weights in ("imagenet", "none"):
+        return
+    if not path.is_file():
+        if must_exist:
+            raise ConfigError(f"model.weights file {path} does not exist. Fix the path in params.yaml, or use "
+                              "imagenet or none (or run the pretrain stage first if it makes this file).")
         return
     with open(path, "rb") as f:
         head = f.read(4)

@@ -11,6 +11,11 @@ leaves the previous outputs as they were.
 
 from __future__ import annotations
 
+# Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
+from finetune.command import check_params_first
+
+check_params_first(__name__, "evaluate")
+
 import argparse
 import json
 from collections.abc import Sequence

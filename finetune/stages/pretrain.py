@@ -9,6 +9,11 @@ ImageNet weights (or any state_dict) as usual.
 
 from __future__ import annotations
 
+# Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
+from finetune.command import check_params_first
+
+check_params_first(__name__, "pretrain")
+
 import argparse
 import logging
 from collections.abc import Sequence

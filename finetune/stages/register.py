@@ -7,6 +7,11 @@ is a separate, gated action (`python -m finetune promote`; the Prefect flow runs
 
 from __future__ import annotations
 
+# Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
+from finetune.command import check_params_first
+
+check_params_first(__name__, "register")
+
 import argparse
 from collections.abc import Sequence
 from pathlib import Path

@@ -11,6 +11,11 @@ the same run instead of leaving an orphan.
 
 from __future__ import annotations
 
+# Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
+from finetune.command import check_params_first
+
+check_params_first(__name__, "train")
+
 import argparse
 import json
 import logging

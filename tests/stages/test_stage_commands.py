@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, jpeg
 
 from finetune.cli import STAGES, main
+from finetune.demo.workspace import write_params
 
 ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "train": ["finetune", "--out", "x", "--metrics", "m",
                                                                       "--plots", "p"],
@@ -48,3 +49,30 @@ def test_a_stage_module_runs_as_a_script():
     result = subprocess.run([sys.executable, "-m", "finetune.stages.register", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--models" in result.stdout
+
+
+# Runs a stage module as `python -m` does and reports, on exit, whether torch and MLflow were loaded.
+PROBE = ("import runpy, sys\n"
+         "sys.argv = sys.argv[:1] + sys.argv[2:]  # drop the '-' placeholder\n"
+         "try:\n"
+         "    runpy.run_module(sys.argv[1] if False else MODULE, run_name='__main__', alter_sys=True)\n"
+         "except SystemExit as exit:\n"
+         "    print('exit', exit.code, 'torch' in sys.modules, 'mlflow' in sys.modules)\n")
+
+
+@pytest.mark.parametrize(("stage", "overrides", "named"), [
+    ("train", {"model.arch": "resnet81"}, "model.arch"),
+    ("train", {"model.weights": "photo.jpg"}, "model.weights: "),
+    ("train", {"model.weights": "missing.pt"}, "model.weights file"),
+    ("pretrain", {"model.arch": "resnet81"}, "model.arch"),
+    ("evaluate", {"model.weights": "photo.jpg"}, "model.weights: "),
+    ("register", {"model.arch": "resnet81"}, "model.arch"),
+])
+def test_a_wrong_model_setting_stops_the_stage_before_torch_and_mlflow_load(tmp_path, stage, overrides, named):
+    (tmp_path / "photo.jpg").write_bytes(jpeg((200, 40, 40)))
+    write_params(REPO / "params.yaml", tmp_path / "params.yaml", overrides)
+    code = PROBE.replace("MODULE", repr(f"finetune.stages.{stage}"))
+    result = subprocess.run([sys.executable, "-c", code, "-", *ARGS[stage]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.strip() == "exit 1 False False", result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and named in result.stderr and "Traceback" not in result.stderr
