@@ -26,7 +26,7 @@ from finetune.data.index import build_index, list_dataset
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
-from finetune.tracking.runs import MlflowCallback, pretrain_run
+from finetune.tracking.runs import MlflowCallback, check_caught_up, pretrain_run
 from finetune.train.checkpoints import load_checkpoint
 from finetune.train.guard import hold_folder, stop_with_starter
 from finetune.train.loaders import loaders
@@ -62,10 +62,12 @@ def _pretrain(params: Params, target: Path, project: Path) -> Path | None:
     train_loader, test_loader, classes = loaders(params, cfg.train, dataset, files, runtime.device.type == "cuda", project)
     model = build_model(m.arch, "none", len(classes))
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
+    tracker = MlflowCallback()
     with pretrain_run(project, dataset.name, cfg.train, len(classes)):
         history = fit(model, train_loader, test_loader, cfg.train, runtime, target, fingerprint=fingerprint,
-                      checkpoint=load_checkpoint(target, fingerprint), callbacks=[MlflowCallback()])
+                      checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker])
     save_final(target / "model.pt", model, classes, m.arch, cfg.model_dump(mode="json"))
+    check_caught_up(tracker, f"{target / 'model.pt'}")
     log.info("source model: %d classes, test accuracy %.3f -> %s", len(classes), history[-1].test_acc,
              target / "model.pt")
     return target / "model.pt"

@@ -53,6 +53,16 @@ class ArtifactStoreError(FinetuneError):
     """The run's artifact store refused a file (permissions, a full disk, a file in the way)."""
 
 
+def check_caught_up(callback: MlflowCallback, written: str) -> None:
+    """After the outputs are written: a TrackingUnavailable naming the tracking URI when the run
+    still misses epochs (the server stayed away to the end)."""
+    if callback.behind:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {mlflow.get_tracking_uri()} was away to the end: run {callback.run_id} "
+            f"misses epochs; {written} is written. Once the server answers, rerun `dvc repro`: it logs them "
+            "from the checkpoint without training again.")
+
+
 class MlflowCallback(Callback):
     """Per-epoch metrics into the active MLflow run (step = epoch, each step logged once), the
     curves at the end.
