@@ -83,7 +83,9 @@ def _imagenet(builder: Callable[..., nn.Module], weights: WeightsEnum) -> nn.Mod
 def load_backbone(model: nn.Module, path: Path) -> None:
     """Load a local state_dict (or a checkpoint holding one under ``model``) into every layer
     but the output layer, whose shape belongs to the source task."""
-    require_file(path)
+    if not path.is_file():
+        raise WeightsError(f"model.weights file {path} does not exist. Fix the path in params.yaml, "
+                           "or use imagenet or none.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -117,13 +119,6 @@ def block_modules(model: nn.Module, name: str, arch: str = "resnet18") -> list[n
     if name not in spec.blocks:
         raise ValueError(f"unknown block {name!r}; blocks are {spec.blocks}")
     return [getattr(model, part) for part in spec.parts.get(name, (name,))]
-
-
-def require_file(path: Path) -> None:
-    """A WeightsError unless the local weights file ``path`` exists."""
-    if not path.is_file():
-        raise WeightsError(f"model.weights file {path} does not exist. Fix the path in params.yaml, "
-                           "or use imagenet or none.")
 
 
 def weights_path(weights: str, project: Path) -> str:

@@ -29,12 +29,12 @@ import pandas as pd
 import torch
 
 from finetune.command import stage_main
-from finetune.config import Params, TrainConfig
+from finetune.config import Params, TrainConfig, check_weights_file
 from finetune.data.lineage import data_version, git_commit
 from finetune.errors import ConfigError
 from finetune.files import file_digest, fingerprint_of, write_atomic
 from finetune.model.classifier import save_final
-from finetune.model.factory import build_model, require_file, weights_digest, weights_path
+from finetune.model.factory import build_model, weights_digest, weights_path
 from finetune.tracking import runs
 from finetune.tracking.store import runtime_tags
 from finetune.train import distributed, guard
@@ -164,8 +164,8 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
     guard.stop_with_starter()  # a killed `dvc repro` must not leave this process training
     if args.variant not in params.train:
         raise ConfigError(f"no variant {args.variant!r} under train: in params.yaml; have {sorted(params.train)}")
-    if params.train[args.variant].init == "pretrained" and params.model.weights not in ("imagenet", "none"):
-        require_file(Path(params.model.weights))  # before any data is read
+    if params.train[args.variant].init == "pretrained":  # as check_params_first (a no-op in-process)
+        check_weights_file(params.model.weights, args.params.parent, must_exist=True)
     nproc = params.train[args.variant].nproc_per_node
     if nproc > 1 and not distributed.launched():
         # The same command again, in nproc processes under torchrun (this process only waits).
