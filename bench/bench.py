@@ -109,16 +109,19 @@ def _plain_eval(net, test_iter, device) -> tuple[float, float]:
 
 def project_trainer(params: Params, ws: Path, name: str) -> dict:
     """(b)/(c) finetune's trainer with its defaults, timed from a cold decode cache."""
-    cfg, m = params.train["finetune"], params.model
+    # The plain loop trains on every train image and watches nothing: so does the trainer here.
+    cfg = params.train["finetune"].model_copy(update={"val_fraction": 0, "select": "last", "early_stopping": None})
+    m = params.model
     seed_everything(cfg.seed, cfg.deterministic)
     runtime = resolve_runtime(cfg)
     started = time.perf_counter()
-    train_loader, test_loader, classes = loaders(params, cfg, ws / params.data.dir, ws / params.validate_.files,
-                                                 runtime.device.type == "cuda", ws)
+    data = loaders(params, cfg, ws / params.data.dir, ws / params.validate_.files, runtime.device.type == "cuda", ws,
+                   test=True)
+    test_loader = data.test
     cache_s = time.perf_counter() - started
-    model = build_model(m.arch, weights_path(m.weights, ws), len(classes))
+    model = build_model(m.arch, weights_path(m.weights, ws), len(data.classes))
     with tempfile.TemporaryDirectory() as out:
-        history = fit(model, train_loader, test_loader, cfg, runtime, Path(out), fingerprint="bench")
+        history = fit(model, data, cfg, runtime, Path(out), fingerprint="bench").history
     predict(model, test_loader, runtime)  # steady state: the loader's persistent workers started
     tick = time.perf_counter()
     probs, truth = predict(model, test_loader, runtime)

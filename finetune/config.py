@@ -155,6 +155,13 @@ class ModelConfig(Section):
         return self
 
 
+class EarlyStopping(Section):
+    """``early_stopping:`` stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs."""
+
+    patience: int = Field(ge=1)
+    min_delta: float = Field(ge=0)
+
+
 class TrainConfig(Section):
     """``train.<variant>:`` how one variant trains (fine-tune, scratch, ...); also ``train_defaults:``,
     the recipe that every variant and ``pretrain.train`` merge before their own keys."""
@@ -185,6 +192,18 @@ class TrainConfig(Section):
     cached_features: bool  # frozen epochs train the head on backbone features computed once per view
     feature_views: int = Field(ge=1)  # augmented views per train image for cached features
     nproc_per_node: int = Field(ge=1)  # > 1: DistributedDataParallel over this many processes (torchrun)
+    val_fraction: float = Field(ge=0, lt=1)  # of each train class, held out to watch; 0: no validation split
+    monitor: Literal["val_acc", "val_loss"]  # what selection and early stopping watch
+    select: Literal["best", "last"]  # the weights kept: the best epoch by `monitor`, or the last
+    early_stopping: EarlyStopping | None  # null: train every epoch
+    test_each_epoch: bool  # also score the test split every epoch (the book's plot); never used to decide
+
+    @model_validator(mode="after")
+    def _watching_needs_validation(self) -> TrainConfig:
+        if self.val_fraction == 0 and (self.select == "best" or self.early_stopping is not None):
+            raise ValueError("select: best and early_stopping watch a validation split: set val_fraction above 0 "
+                             "(e.g. 0.1), or select: last and early_stopping: null")
+        return self
 
     @model_validator(mode="after")
     def _gradual_plan(self) -> TrainConfig:
@@ -229,6 +248,32 @@ class EvaluateConfig(Section):
         if self.challenger == self.baseline:
             raise ValueError(f"challenger and baseline are both {self.challenger!r}: name two variants of train:")
         return self
+
+
+class StudyConfig(Section):
+    """``study:`` the compared variants retrained over seeds and nested fractions of the train split."""
+
+    enabled: bool  # false: the study stages only write a note (dvc repro stays as fast as without them)
+    seeds: tuple[int, ...] = Field(min_length=1)
+    fractions: tuple[float, ...] = Field(min_length=1)  # of each train class (after validation is held out)
+    runs: Path  # folder: one JSON per seed (the study@<seed> stages' outputs)
+    metrics: Path  # dvc metrics JSON
+    plots: Path  # folder: learning-curve data (CSV) and PNG
+    report: Path  # Markdown
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < f <= 1 for f in value) or list(value) != sorted(set(value)):
+            raise ValueError(f"fractions must be increasing, each in (0, 1], e.g. [0.25, 0.5, 1.0]; got {list(value)}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {list(value)}; each seed is one repetition")
+        return value
 
 
 class RegisterConfig(Section):
@@ -301,6 +346,7 @@ class Params(Section):
     train: dict[str, TrainConfig] = Field(min_length=1)
     cache: CacheConfig
     evaluate: EvaluateConfig
+    study: StudyConfig
     # ``register:`` in the file; BaseModel's metaclass (an ABCMeta) has register().
     register_: RegisterConfig = Field(alias="register")
     serve: ServeConfig

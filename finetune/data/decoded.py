@@ -7,10 +7,11 @@ A cache folder holds one dataset version at one set of sizes (its name is a dige
   offset, height and width. RandomResizedCrop picks its box relative to the image's area and
   aspect ratio, so cropping these gives the same distribution of crops as the originals.
 - ``test.npy``: the test images after the recipe's deterministic test transform (resize, center
-  crop) as (N, crop, crop, 3), since nothing random happens to them.
+  crop) as (N, crop, crop, 3), since nothing random happens to them; added only when something
+  that evaluates (the study, ``test_each_epoch``) first asks for it.
 
-Everything is written to a temporary sibling and renamed into place, so a reader sees a whole
-cache or none; arrays are memory-mapped, so a dataset bigger than RAM still works.
+Everything is written to a temporary name and renamed into place, so a reader sees a whole
+cache (or test part) or none; arrays are memory-mapped, so a dataset bigger than RAM still works.
 """
 
 from __future__ import annotations
@@ -57,18 +58,34 @@ def cache_key(train: FileListDataset, test: FileListDataset, sizes: Sizes, data_
     return f"{data_version[:12]}-{digest.hexdigest()[:16]}"
 
 
-def ensure_cache(folder: Path, train: FileListDataset, test: FileListDataset, sizes: Sizes, workers: int) -> Path:
-    """The cache at ``folder``, built first if it is not there (or was left half-written)."""
-    if (folder / "meta.json").exists():
-        return folder
+def ensure_cache(folder: Path, train: FileListDataset, test: FileListDataset, sizes: Sizes, workers: int,
+                 with_test: bool = True) -> Path:
+    """The cache at ``folder``, built first if it is not there (or was left half-written); its
+    test part only ``with_test`` (a training decodes the train split alone: only evaluation
+    reads the test split), added on the first call that asks for it."""
+    if not (folder / "meta.json").exists():
+        _build_train_part(folder, train, sizes, workers)
+    if with_test and not (folder / "test.npy").exists():
+        started = time.perf_counter()
+        tmp = folder / f".test-{os.getpid()}.npy"
+        try:
+            _write_test(tmp, test, sizes, workers)
+            os.replace(tmp, folder / "test.npy")  # another process writing the same: either is whole
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("decoded %d test images once into %s (%.1f s)", len(test), folder, time.perf_counter() - started)
+    return folder
+
+
+def _build_train_part(folder: Path, train: FileListDataset, sizes: Sizes, workers: int) -> None:
+    """train.u8, train.idx.npy and meta.json, written in a staging folder renamed into place."""
     started = time.perf_counter()
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         _write_train(staging, train, sizes.short_side, workers)
-        _write_test(staging, test, sizes, workers)
-        meta = {"format": FORMAT, "sizes": sizes.__dict__, "train": len(train), "test": len(test),
+        meta = {"format": FORMAT, "sizes": sizes.__dict__, "train": len(train),
                 "seconds": round(time.perf_counter() - started, 2)}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
@@ -78,9 +95,7 @@ def ensure_cache(folder: Path, train: FileListDataset, test: FileListDataset, si
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("decoded %d train + %d test images once into %s (%.1f s)", len(train), len(test), folder,
-             time.perf_counter() - started)
-    return folder
+    log.info("decoded %d train images once into %s (%.1f s)", len(train), folder, time.perf_counter() - started)
 
 
 def shrink(image: Image.Image, short_side: int) -> np.ndarray:
@@ -126,9 +141,9 @@ def _write_train(folder: Path, dataset: FileListDataset, short_side: int, worker
     np.save(folder / "train.idx.npy", index)
 
 
-def _write_test(folder: Path, dataset: FileListDataset, sizes: Sizes, workers: int) -> None:
+def _write_test(path: Path, dataset: FileListDataset, sizes: Sizes, workers: int) -> None:
     shape = (len(dataset), sizes.test_crop, sizes.test_crop, 3)
-    array = np.lib.format.open_memmap(folder / "test.npy", mode="w+", dtype=np.uint8, shape=shape)
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     jobs = [(dataset.root / p, sizes) for p in dataset.paths]
     for i, image in enumerate(_decoded(_decode_test, jobs, workers)):
         array[i] = image
@@ -178,6 +193,13 @@ def tensor_train_transform(crop: int) -> v2.Compose:
     """The recipe's train augmentation on uint8 tensors: RandomResizedCrop + horizontal flip
     (the same crop parameters as the PIL version; normalisation happens on the device)."""
     return v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def tensor_eval_transform(sizes: Sizes) -> v2.Compose:
+    """The recipe's test transform on a stored train image (uint8 tensor): resize (``squash``:
+    both sides; ``aspect``: the shorter side) and center crop, as validation images are seen."""
+    resize = [sizes.test_resize] * 2 if sizes.resize_mode == "squash" else sizes.test_resize
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(sizes.test_crop)])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -59,16 +59,20 @@ def _pretrain(params: Params, target: Path, project: Path) -> Path | None:
     m = params.model
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     runtime = resolve_runtime(cfg.train)
-    train_loader, test_loader, classes = loaders(params, cfg.train, dataset, files, runtime.device.type == "cuda", project)
+    data = loaders(params, cfg.train, dataset, files, runtime.device.type == "cuda", project,
+                   key="pretrain.train.val_fraction")
+    classes = data.classes
     model = build_model(m.arch, "none", len(classes))
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
     tracker = MlflowCallback()
     with pretrain_run(project, dataset.name, cfg.train, len(classes)):
-        history = fit(model, train_loader, test_loader, cfg.train, runtime, target, fingerprint=fingerprint,
-                      checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker])
+        fitted = fit(model, data, cfg.train, runtime, target, fingerprint=fingerprint,
+                     checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker])
     save_final(target / "model.pt", model, classes, m.arch, cfg.model_dump(mode="json"))
     check_caught_up(tracker, f"{target / 'model.pt'}")
-    log.info("source model: %d classes, test accuracy %.3f -> %s", len(classes), history[-1].test_acc,
+    chosen = fitted.selected
+    log.info("source model: %d classes, epoch %d of %d kept (validation accuracy %s) -> %s", len(classes),
+             chosen.epoch, len(fitted.history), "n/a" if chosen.val_acc is None else f"{chosen.val_acc:.3f}",
              target / "model.pt")
     return target / "model.pt"
 

@@ -1,8 +1,9 @@
 """The ``train@<variant>`` stage: data → model → fit → outputs, tracked as a nested MLflow run.
 
-Outputs (paths from dvc.yaml): ``<out>/model.pt`` (final weights, classes and the config that
-made them), ``<out>/checkpoint.pt`` (per epoch, for resuming), a metrics JSON and per-epoch plot
-data (CSV). The MLflow run is written to ``<out>/run.json``, so a rerun after a crash continues
+Outputs (paths from dvc.yaml): ``<out>/model.pt`` (the kept epoch's weights, classes, the config
+that made them, its validation scores), ``<out>/checkpoint.pt`` (per epoch, for resuming),
+``<out>/validation.csv`` (the held-out files it watched), a metrics JSON and per-epoch plot data
+(CSV). It never reads the test split unless ``test_each_epoch`` asks for the book's plot. The MLflow run is written to ``<out>/run.json``, so a rerun after a crash continues
 the same run instead of leaving an orphan.
 
 `python -m finetune.stages.train <variant> --out models/<variant> --metrics metrics/train/<variant>.json
@@ -41,19 +42,20 @@ from finetune.train import distributed, guard
 from finetune.train.callbacks import EpochStats
 from finetune.train.checkpoints import load_checkpoint
 from finetune.train.distributed import Dist
-from finetune.train.loaders import full_dataset, loaders
-from finetune.train.loop import fit, predict_all
+from finetune.train.loaders import loaders
+from finetune.train.loop import Fitted, fit, predict_all
 from finetune.train.runtime import Runtime, resolve_runtime, seed_everything
 
 log = logging.getLogger(__name__)
+VALIDATION_FILES = "validation.csv"
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a variant's training produced."""
+    """What a variant's training produced (``val_acc``: the kept epoch's; None without validation)."""
 
     variant: str
-    test_acc: float
+    val_acc: float | None
     history: list[EpochStats]
     run_id: str
     model_path: Path
@@ -96,9 +98,10 @@ def _local_device(runtime: Runtime, dist: Dist) -> Runtime:
 
 def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, paths: Paths, project: Path,
            dist: Dist) -> TrainResult:
-    train_loader, test_loader, classes = loaders(params, cfg, project / params.data.dir,
-                                                 project / params.validate_.files, runtime.device.type == "cuda",
-                                                 project, dist)
+    data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files,
+                   runtime.device.type == "cuda", project, dist, key=f"train.{variant}.val_fraction",
+                   test=cfg.test_each_epoch)
+    classes = data.classes
     weights = params.model.weights if cfg.init == "pretrained" else "none"
     model = build_model(params.model.arch, weights_path(weights, project), len(classes))
     if dist.active:
@@ -112,42 +115,74 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
     # Only an unfinished run of these settings resumes; a finished one is trained afresh.
     previous = runs.read_run_file(out, fingerprint)
     checkpoint = load_checkpoint(out, fingerprint) if previous else None
-    test_ds, n_train = full_dataset(test_loader), len(full_dataset(train_loader))
+    n_val = len(data.val_files)
     run = runs.training_run(params, variant, out, fingerprint, project, previous, version,
                             commit) if dist.main else nullcontext()
     with run as active:
         run_id = active.info.run_id if dist.main else ""
         if dist.main:
+            write_validation_files(out, data.val_files)
             if checkpoint is None:
-                runs.log_setup(settings, cfg, version, commit, project, params, n_train, len(test_ds))
+                runs.log_setup(settings, cfg, version, commit, project, params, data.train_images, n_val)
+                runs.log_validation_files(out / VALIDATION_FILES)
             runs.set_tags(runtime_tags(runtime.device, runtime.precision) | {"processes": str(dist.world)})
         tracker = runs.MlflowCallback([EpochStats(**s) for s in checkpoint["history"]] if checkpoint else ())
-        history = fit(model, train_loader, test_loader, cfg, runtime, out, fingerprint=fingerprint,
-                      checkpoint=checkpoint, extra={"mlflow_run_id": run_id, "settings": settings},
-                      callbacks=[tracker] if dist.main else (), dist=dist)
-        probs, truth = predict_all(model, test_loader, runtime, dist)
-        test_acc = (probs.argmax(1) == truth).float().mean().item()
+        fitted = fit(model, data, cfg, runtime, out, fingerprint=fingerprint, checkpoint=checkpoint,
+                     extra={"mlflow_run_id": run_id, "settings": settings},
+                     callbacks=[tracker] if dist.main else (), dist=dist)
+        chosen = fitted.selected
+        # The kept weights once more on validation: the predictions picture (every process takes part).
+        probs, truth = predict_all(model, data.val, runtime, dist) if data.val is not None else (None, None)
         if dist.main:
             save_final(out / "model.pt", model, classes, params.model.arch, settings, fingerprint=fingerprint,
-                       mlflow_run_id=run_id, test_acc=test_acc)
-            write_outputs(paths, project, history, test_acc, n_train, len(test_ds))
+                       mlflow_run_id=run_id, **selected_scores(fitted))
+            write_outputs(paths, project, fitted, data.train_images, n_val)
             # The outputs first: a tracking outage or a refused artifact then costs no training (the
             # rerun resumes after the last epoch and logs only what the run misses).
-            runs.log_results(model, test_ds, probs, truth, classes, params, project / paths.metrics, tracker)
+            runs.log_results(model, data.val_set, probs, truth, classes, params, project / paths.metrics, tracker,
+                             selected_scores(fitted))
             runs.write_run_file(out, fingerprint, run_id, complete=True)
-    log.info("%s: test accuracy %.3f after %d epochs (MLflow run %s)", variant, test_acc, cfg.epochs, run_id)
-    return TrainResult(variant, test_acc, history, run_id, out / "model.pt")
+    log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)
+    return TrainResult(variant, chosen.val_acc, fitted.history, run_id, out / "model.pt")
 
 
-def write_outputs(paths: Paths, project: Path, history: list[EpochStats], test_acc, n_train, n_test) -> None:
-    """The metrics JSON (dvc metrics) and per-epoch plot data (dvc plots)."""
-    last = history[-1]
-    metrics = {"test_acc": test_acc, "train_acc": last.train_acc, "train_loss": last.train_loss,
-               "epochs": len(history), "epoch_seconds": round(sum(s.seconds for s in history) / len(history), 2),
-               "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
-               "train_images": n_train, "test_images": n_test}
+def selected_scores(fitted: Fitted) -> dict:
+    """What model.pt, the metrics and the run record of the kept weights: validation loss and
+    accuracy, the epoch, and where early stopping ended the training (None: it did not)."""
+    chosen = fitted.selected
+    return {"val_acc": chosen.val_acc, "val_loss": chosen.val_loss, "selected_epoch": chosen.epoch,
+            "epochs_trained": len(fitted.history), "stopped_early_at": fitted.stopped_at}
+
+
+def describe_selection(fitted: Fitted, cfg: TrainConfig) -> str:
+    """One line: which epoch was kept, by what, out of how many."""
+    chosen, trained = fitted.selected, len(fitted.history)
+    stopped = f", early stopping after epoch {fitted.stopped_at}" if fitted.stopped_at else ""
+    if chosen.val_acc is None:
+        return f"epoch {chosen.epoch} of {trained} kept (no validation split){stopped}"
+    how = f"best {cfg.monitor}" if cfg.select == "best" else "the last"
+    return (f"validation accuracy {chosen.val_acc:.4f} (loss {chosen.val_loss:.4f}) at epoch {chosen.epoch} of "
+            f"{trained}, {how}{stopped}")
+
+
+def write_validation_files(out: Path, files: list[tuple[str, str]]) -> None:
+    """``<out>/validation.csv``: the held-out files (path, class) this training watched."""
+    frame = pd.DataFrame(files, columns=["path", "class"])
+    write_atomic(out / VALIDATION_FILES, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def write_outputs(paths: Paths, project: Path, fitted: Fitted, n_train: int, n_val: int) -> None:
+    """The metrics JSON (dvc metrics: the kept epoch's validation numbers) and per-epoch plot data
+    (dvc plots)."""
+    history, last = fitted.history, fitted.history[-1]
+    metrics = selected_scores(fitted) | {
+        "train_acc": last.train_acc, "train_loss": last.train_loss,
+        "epoch_seconds": round(sum(s.seconds for s in history) / len(history), 2),
+        "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
+        "train_images": n_train, "val_images": n_val}
     write_atomic(project / paths.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     frame = pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "lrs"} for s in history])
+    frame = frame.dropna(axis="columns", how="all")  # test_acc only when asked for; val_* only with validation
     write_atomic(project / paths.plots, lambda tmp: frame.to_csv(tmp, index=False))
 
 
@@ -176,8 +211,8 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
         return subprocess.call(command)
     result = train_variant(params, args.variant, Paths(args.out, args.metrics, args.plots))
     if result.run_id:  # under torchrun rank 0 alone reports
-        print(f"{result.variant}: test accuracy {result.test_acc:.4f} -> {result.model_path} "
-              f"(MLflow run {result.run_id})")
+        score = "no validation split" if result.val_acc is None else f"validation accuracy {result.val_acc:.4f}"
+        print(f"{result.variant}: {score} -> {result.model_path} (MLflow run {result.run_id})")
     return None
 
 

@@ -12,16 +12,20 @@ from dataclasses import dataclass, field
 
 @dataclass
 class EpochStats:
-    """What one epoch measured; ``lrs`` per parameter group at the epoch's end."""
+    """What one epoch measured; ``lrs`` per parameter group at the epoch's end. The validation
+    numbers are None without a validation split; ``test_acc`` is None unless ``test_each_epoch``
+    asks for it (the book's plot: never read by any decision)."""
 
     epoch: int
     train_loss: float
     train_acc: float
-    test_acc: float
     images_per_s: float
     seconds: float
     lrs: dict[str, float] = field(default_factory=dict)
     features_seconds: float = 0.0  # computing cached backbone features before this epoch (if it did)
+    val_loss: float | None = None
+    val_acc: float | None = None
+    test_acc: float | None = None
 
 
 class Callback:

@@ -15,6 +15,7 @@ import torch
 from finetune.config import TrainConfig
 from finetune.files import write_atomic
 from finetune.train.callbacks import EpochStats
+from finetune.train.selection import Selection
 from finetune.train.strategy import unfreeze_for_epoch
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,16 @@ def set_aside(path: Path, err: Exception) -> Path:
     return aside
 
 
-def resume(state: dict, model, optimizer, cfg: TrainConfig) -> list[EpochStats]:
-    """Restore model, optimiser and RNGs from a checkpoint; return the history so far."""
+def resume(state: dict, model, optimizer, cfg: TrainConfig, selection: Selection | None = None) -> list[EpochStats]:
+    """Restore model, optimiser, selection (best epoch so far) and RNGs from a checkpoint;
+    return the history so far."""
     for epoch in range(2, state["epoch"] + 1):  # the optimiser must have the same groups again
         unfreeze_for_epoch(model, optimizer, cfg, epoch)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
+    if selection is not None and "selection" in state:
+        selection.load_state_dict(state["selection"])
     log.info("resuming: epoch %d of %d done", state["epoch"], cfg.epochs)
     return [EpochStats(**s) for s in state["history"]]
 

@@ -3,7 +3,8 @@
 Under ``strategy: freeze`` (and in the frozen epochs of ``gradual``) nothing below the head
 learns and every frozen BatchNorm normalises with its stored statistics, so the backbone maps
 an image view to the same features in every epoch. They are computed once per image and view
-(``feature_views`` random augmented views of each train image; the one test view), and each
+(``feature_views`` random augmented views of each train image; the one view of each
+validation image), and each
 head epoch is a pass of the small output layer over a view's features: milliseconds instead of
 a pass of the whole network. Epoch ``e`` reads view ``(e - 1) mod views``, so with as many
 views as frozen epochs every epoch sees fresh augmentations, exactly as the live recipe.
@@ -29,10 +30,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Features:
-    """Backbone outputs: one (features, labels) pair per train view, and the test set's."""
+    """Backbone outputs: one (features, labels) pair per train view, and one per watched split
+    (``val``; ``test`` when each epoch scores it)."""
 
     train: list[tuple[torch.Tensor, torch.Tensor]]
-    test: tuple[torch.Tensor, torch.Tensor]
+    watched: dict[str, tuple[torch.Tensor, torch.Tensor]]
     seconds: float
 
 
@@ -57,9 +59,10 @@ def _features(model, loader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(outputs), torch.cat(labels)
 
 
-def extract_features(model, train_loader, test_loader, runtime: Runtime, views: int, dist: Dist) -> Features:
-    """Features of ``views`` passes over the (augmenting) train loader and one over the test
-    loader; under torchrun each process computes its share and every process gets them all."""
+def extract_features(model, train_loader, watched: dict, runtime: Runtime, views: int, dist: Dist) -> Features:
+    """Features of ``views`` passes over the (augmenting) train loader and one over each loader
+    of ``watched`` (name → loader or None); under torchrun each process computes its share and
+    every process gets them all."""
     started = time.perf_counter()
     model.eval()  # the backbone is frozen: BatchNorm uses its stored statistics, as in training
     train = []
@@ -67,11 +70,12 @@ def extract_features(model, train_loader, test_loader, runtime: Runtime, views: 
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(10_000 + view)
         train.append(_everyone(_features(model, train_loader, runtime), dist))
-    test = _everyone(_features(model, test_loader, runtime), dist)
+    watched = {name: _everyone(_features(model, loader, runtime), dist)
+               for name, loader in watched.items() if loader is not None}
     seconds = time.perf_counter() - started
-    log.info("cached backbone features: %d train view(s) of %d images, %d test images (%.2f s)",
-             views, len(train[0][1]), len(test[1]), seconds)
-    return Features(train, test, seconds)
+    log.info("cached backbone features: %d train view(s) of %d images, %s (%.2f s)", views, len(train[0][1]),
+             ", ".join(f"{len(y)} {name} images" for name, (_, y) in watched.items()) or "nothing watched", seconds)
+    return Features(train, watched, seconds)
 
 
 def _everyone(pair: tuple[torch.Tensor, torch.Tensor], dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +88,8 @@ def _everyone(pair: tuple[torch.Tensor, torch.Tensor], dist: Dist) -> tuple[torc
 
 def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: int):
     """One epoch of the output layer over the cached features of view ``(epoch - 1) mod views``,
-    then its accuracy on the cached test features. Every process computes the same."""
+    then its loss and accuracy on the cached features of each watched split. Every process
+    computes the same."""
     lrs = group_lrs(optimizer)
     inputs, labels = features.train[(epoch - 1) % len(features.train)]
     loss_fn = nn.CrossEntropyLoss(reduction=cfg.loss)
@@ -106,8 +111,18 @@ def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: in
         correct += (logits.argmax(1) == labels[batch]).sum().item()
         seen += len(batch)
     seconds = time.perf_counter() - started
+    scores = {}
     with torch.inference_mode():
-        test_inputs, test_labels = features.test
-        test_acc = (model.fc(test_inputs).argmax(1) == test_labels).float().mean().item()
-    return EpochStats(epoch, total_loss / max(seen, 1), correct / max(seen, 1), test_acc,
-                      seen / max(seconds, 1e-9), seconds, lrs)
+        for name, (inputs, labels) in features.watched.items():
+            loss_sum, right, n = split_scores(model.fc(inputs).float().softmax(1), labels)
+            scores |= {f"{name}_loss": loss_sum / max(n, 1), f"{name}_acc": right / max(n, 1)}
+    scores.pop("test_loss", None)
+    return EpochStats(epoch, total_loss / max(seen, 1), correct / max(seen, 1), seen / max(seconds, 1e-9), seconds,
+                      lrs, **scores)
+
+
+def split_scores(probs: torch.Tensor, truth: torch.Tensor) -> tuple[float, int, int]:
+    """(summed cross-entropy, images right, images) of class probabilities against labels."""
+    truth = truth.to(probs.device)
+    picked = probs.gather(1, truth.view(-1, 1)).clamp_min(1e-12)
+    return float(-picked.log().sum()), int((probs.argmax(1) == truth).sum()), len(truth)

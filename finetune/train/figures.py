@@ -1,4 +1,4 @@
-"""A training's pictures (PNG): its curves and a grid of test predictions."""
+"""A training's pictures (PNG): its curves and a grid of validation predictions."""
 
 from __future__ import annotations
 
@@ -14,13 +14,19 @@ from finetune.train.callbacks import EpochStats  # noqa: E402
 
 
 def curves(history: list[EpochStats]) -> plt.Figure:
-    """Train loss, and train/test accuracy, per epoch."""
+    """Train (and validation) loss, and train/validation (test, if scored) accuracy, per epoch."""
     epochs = [s.epoch for s in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(epochs, [s.train_loss for s in history], marker="o")
-    left.set(xlabel="epoch", ylabel="train loss", title="loss")
+    left.plot(epochs, [s.train_loss for s in history], marker="o", label="train")
+    if all(s.val_loss is not None for s in history):
+        left.plot(epochs, [s.val_loss for s in history], marker="o", label="validation")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    left.legend()
     right.plot(epochs, [s.train_acc for s in history], marker="o", label="train")
-    right.plot(epochs, [s.test_acc for s in history], marker="o", label="test")
+    for name in ("val_acc", "test_acc"):
+        if all(getattr(s, name) is not None for s in history):
+            right.plot(epochs, [getattr(s, name) for s in history], marker="o",
+                       label={"val_acc": "validation", "test_acc": "test"}[name])
     right.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     right.legend()
     fig.tight_layout()
@@ -28,7 +34,7 @@ def curves(history: list[EpochStats]) -> plt.Figure:
 
 
 def prediction_grid(dataset, probs: torch.Tensor, truth: torch.Tensor, classes: list[str], per_class: int = 8) -> plt.Figure:
-    """Up to ``per_class`` test images of each of the first two classes (the book shows 8 hot
+    """Up to ``per_class`` images (validation) of each of the first two classes (the book shows 8 hot
     dogs and 8 others), titled with the true and predicted label and the confidence."""
     shown = [i for c in range(min(2, len(classes))) for i in (truth == c).nonzero().flatten()[:per_class].tolist()]
     cols = per_class

@@ -4,55 +4,94 @@ shared out across processes under torchrun."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from finetune.config import Params, TrainConfig
-from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache, tensor_train_transform
-from finetune.data.images import eval_transform, load_splits, train_transform
+from finetune.data.decoded import (
+    DecodedDataset,
+    Sizes,
+    cache_key,
+    ensure_cache,
+    tensor_eval_transform,
+    tensor_train_transform,
+)
+from finetune.data.images import FileListDataset, eval_transform, load_splits, train_transform
 from finetune.data.lineage import data_version
 from finetune.train.distributed import SINGLE, Dist
 from finetune.train.runtime import worker_count
+from finetune.train.subsets import split_validation
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """What a training reads: train (shuffled, augmented), validation (the held-out share of the
+    train split, test transform; None when ``val_fraction`` is 0), test (None unless asked for:
+    only evaluation reads it), the class names, and which files were held out."""
+
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader | None
+    classes: list[str]
+    val_files: list[tuple[str, str]]  # (path, class) of each validation image
+    val_set: Dataset  # all validation images in their order (under torchrun the loader reads a share)
+    train_images: int
 
 
 def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool, project: Path = Path("."),
-            dist: Dist = SINGLE):
-    """Train (shuffled, augmented) and test loaders over the file list of ``root``; the classes.
+            dist: Dist = SINGLE, *, key: str = "train.val_fraction", test: bool = False,
+            subset: Callable[[list[int], list[int]], list[int]] | None = None) -> Loaders:
+    """Loaders over the file list of ``root`` (see :class:`Loaders`); ``cfg.val_fraction`` of
+    each class is held out by ``cfg.seed`` (``key`` names that setting in errors), and
+    ``subset(labels, train_indices)`` may narrow what trains (the study's fractions).
 
     With ``cfg.decode_cache`` they read the decode cache (built here first if missing). Under
     torchrun each process gets a DistributedSampler share of train and the strided share
-    ``rank, rank + world, ...`` of test, and ``batch_size / world`` images per step."""
+    ``rank, rank + world, ...`` of validation and test, and ``batch_size / world`` images per step."""
     m = params.model
-    train_ds, test_ds, classes = load_splits(
+    train_files, test_ds, classes = load_splits(
         root, files_csv, train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
+    train_idx, val_idx = split_validation(train_files.labels, cfg.val_fraction, cfg.seed, classes, key)
+    if subset is not None:
+        train_idx = subset(train_files.labels, train_idx)
     if cfg.decode_cache:
-        train_ds, test_ds = decoded_splits(params, train_ds, test_ds, project, dist)
+        train_ds, val_ds, test_ds = decoded_splits(params, train_files, test_ds, project, dist, test)
+    else:
+        train_ds = train_files
+        val_ds = FileListDataset(root, train_files.paths, train_files.labels,
+                                 eval_transform(m.test_resize, m.test_crop, m.resize_mode))
     workers = worker_count(cfg.workers)
     options = {"batch_size": max(1, cfg.batch_size // dist.world), "num_workers": workers, "pin_memory": pin,
                "persistent_workers": workers > 0}
-    if not dist.active:
-        return DataLoader(train_ds, shuffle=True, **options), DataLoader(test_ds, shuffle=False, **options), classes
-    sampler = DistributedSampler(train_ds, dist.world, dist.rank, shuffle=True, seed=cfg.seed)
-    test_share = Subset(test_ds, range(dist.rank, len(test_ds), dist.world))
-    return DataLoader(train_ds, sampler=sampler, **options), DataLoader(test_share, **options), classes
+    train_ds = Subset(train_ds, train_idx)
+    if dist.active:
+        train = DataLoader(train_ds, sampler=DistributedSampler(train_ds, dist.world, dist.rank, shuffle=True,
+                                                                seed=cfg.seed), **options)
+    else:
+        train = DataLoader(train_ds, shuffle=True, **options)
+    watch = {"num_workers": 0} if workers else {}  # a short pass: starting workers would cost more
+    val = DataLoader(Subset(val_ds, val_idx[dist.rank::dist.world]), **(options | watch)) if val_idx else None
+    test_loader = DataLoader(Subset(test_ds, range(dist.rank, len(test_ds), dist.world)),
+                             **(options | watch)) if test else None
+    val_files = [(train_files.paths[i], classes[train_files.labels[i]]) for i in val_idx]
+    return Loaders(train, val, test_loader, classes, val_files, Subset(val_ds, val_idx), len(train_idx))
 
 
-def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE):
-    """The train and test datasets read from the decode cache (rank 0 builds it if missing)."""
+def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE, with_test: bool = False):
+    """Train (augmenting), validation (the train images with the test transform) and test
+    datasets read from the decode cache (rank 0 builds it if missing; its test part only
+    ``with_test``, else the test dataset is None)."""
     m = params.model
     sizes = Sizes(params.cache.short_side or m.test_resize, m.test_resize, m.test_crop, m.resize_mode)
     version = data_version(project, Path(os.path.relpath(train_ds.root, project)))
     folder = project / params.cache.dir / cache_key(train_ds, test_ds, sizes, version)
     if dist.main:
         workers = (os.cpu_count() or 1) if params.cache.workers == "auto" else params.cache.workers
-        ensure_cache(folder, train_ds, test_ds, sizes, workers)
+        ensure_cache(folder, train_ds, test_ds, sizes, workers, with_test)
     dist.barrier()
     return (DecodedDataset(folder, "train", train_ds.labels, tensor_train_transform(m.train_crop)),
-            DecodedDataset(folder, "test", test_ds.labels))
-
-
-def full_dataset(loader: DataLoader):
-    """The whole dataset behind ``loader`` (under torchrun the test loader reads a Subset)."""
-    dataset = loader.dataset
-    return dataset.dataset if isinstance(dataset, Subset) else dataset
+            DecodedDataset(folder, "train", train_ds.labels, tensor_eval_transform(sizes)),
+            DecodedDataset(folder, "test", test_ds.labels) if with_test else None)

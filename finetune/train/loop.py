@@ -2,9 +2,10 @@
 
 ``fit`` is the big verb, as fastai's ``fine_tune``: set the strategy's frozen blocks → build
 the optimiser at discriminative rates → for each epoch: unfreeze what the plan says, train an
-epoch, evaluate, report to the callbacks, checkpoint. A checkpoint after every epoch (written
-atomically) lets a rerun after a crash resume at the next epoch with the same optimiser,
-schedule and RNG states.
+epoch, score the validation split, report to the callbacks, note the best epoch (selection.py),
+checkpoint, stop early if told to → keep the selected epoch's weights. A checkpoint after every
+epoch (written atomically) lets a rerun after a crash resume at the next epoch with the same
+optimiser, schedule, selection and RNG states.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,8 +26,10 @@ from finetune.progress import Progress
 from finetune.train.callbacks import Callback, EpochStats
 from finetune.train.checkpoints import resume, rng_state, save_checkpoint
 from finetune.train.distributed import SINGLE, Dist, interleave
-from finetune.train.features import extract_features, head_epoch
+from finetune.train.features import extract_features, head_epoch, split_scores
+from finetune.train.loaders import Loaders
 from finetune.train.runtime import Runtime, autocast, predict, to_device
+from finetune.train.selection import Selection
 from finetune.train.strategy import (
     apply_schedule,
     feature_views,
@@ -40,6 +43,15 @@ from finetune.train.strategy import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What ``fit`` did: every epoch's stats, the selected epoch's, and where early stopping ended it."""
+
+    history: list[EpochStats]
+    selected: EpochStats
+    stopped_at: int | None
 
 
 def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, progress: Progress | None = None,
@@ -77,10 +89,12 @@ def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, pr
     return total_loss, correct, seen
 
 
-def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: Runtime, out_dir: Path, *,
+def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out_dir: Path, *,
         fingerprint: str, checkpoint: dict | None = None, extra: dict | None = None,
-        callbacks: Sequence[Callback] = (), dist: Dist = SINGLE) -> list[EpochStats]:
-    """Train ``model`` for ``cfg.epochs``, continuing from ``checkpoint`` (see load_checkpoint).
+        callbacks: Sequence[Callback] = (), dist: Dist = SINGLE) -> Fitted:
+    """Train ``model`` on ``data`` for ``cfg.epochs`` (fewer if early stopping ends it),
+    continuing from ``checkpoint`` (see load_checkpoint); ``model`` ends with the selected
+    epoch's weights (``cfg.select``).
 
     Checkpoints go to ``out_dir`` after every epoch (rank 0 only), tagged with ``fingerprint``
     (settings, data, starting weights) and holding ``extra`` (e.g. the MLflow run id).
@@ -94,9 +108,13 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: 
         model.to(memory_format=torch.channels_last)
     freeze(model, initial_frozen(cfg))
     optimizer = make_optimizer(model, cfg)
-    history = resume(checkpoint, model, optimizer, cfg) if checkpoint else []
+    selection = Selection.of(cfg)
+    history = resume(checkpoint, model, optimizer, cfg, selection) if checkpoint else []
+    watched = {"val": data.val, "test": data.test if cfg.test_each_epoch else None}
     network, features = None, None
     for epoch in range(len(history) + 1, cfg.epochs + 1):
+        if selection.stopped_at is not None:
+            break  # a resumed training that early stopping had already ended
         block = unfreeze_for_epoch(model, optimizer, cfg, epoch)
         if block:
             log.info("epoch %d: unfroze %s (lr %.2g)", epoch, block, cfg.lr * cfg.unfreeze_lr_mult)
@@ -105,27 +123,41 @@ def fit(model: nn.Module, train_loader, test_loader, cfg: TrainConfig, runtime: 
         if head_only(cfg, epoch):
             extracting = features is None
             if extracting:
-                features = extract_features(model, train_loader, test_loader, runtime, feature_views(cfg, epoch), dist)
+                features = extract_features(model, data.train, watched, runtime, feature_views(cfg, epoch), dist)
             stats = head_epoch(model, features, optimizer, cfg, epoch)
             stats.features_seconds = features.seconds if extracting else 0.0
         else:
             features = None  # the frozen phase is over: free the cached features
             if network is None:
                 network = training_network(model, runtime, cfg, dist)
-            stats = run_epoch(network, model, train_loader, test_loader, optimizer, runtime, cfg, epoch, dist)
+            stats = run_epoch(network, model, data.train, watched, optimizer, runtime, cfg, epoch, dist)
         history.append(_report(stats, cfg))
+        selection.update(stats, model)
         for callback in callbacks:
             callback.on_epoch_end(stats)
         if dist.main:
             save_checkpoint(out_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "fingerprint": fingerprint,
+                "epoch": epoch, "fingerprint": fingerprint, "selection": selection.state_dict(),
                 "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
             })
         dist.barrier()
+    return _finish(model, history, selection, callbacks)
+
+
+def _finish(model: nn.Module, history: list[EpochStats], selection: Selection,
+            callbacks: Sequence[Callback]) -> Fitted:
+    """Put the selected epoch's weights into ``model``; tell the callbacks; what was kept."""
+    selection.restore(model)
+    chosen = selection.selected_epoch(history[-1].epoch)
+    if selection.stopped_at is not None:
+        log.info("early stopping after epoch %d: no gain in %s for %d epochs", selection.stopped_at,
+                 selection.monitor, selection.patience)
+    if chosen != history[-1].epoch:
+        log.info("keeping epoch %d: best %s %.4f", chosen, selection.monitor, selection.best_score)
     for callback in callbacks:
         callback.on_fit_end(history)
-    return history
+    return Fitted(history, history[chosen - 1], selection.stopped_at)
 
 
 def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist: Dist) -> nn.Module:
@@ -140,10 +172,10 @@ def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist:
     return network
 
 
-def run_epoch(network, model, train_loader, test_loader, optimizer, runtime: Runtime, cfg: TrainConfig,
+def run_epoch(network, model, train_loader, watched: dict, optimizer, runtime: Runtime, cfg: TrainConfig,
               epoch: int, dist: Dist = SINGLE) -> EpochStats:
-    """Train one epoch through ``network``, evaluate ``model`` on the test loader (each process
-    its share; sums over processes)."""
+    """Train one epoch through ``network``, then score ``model`` on each loader of ``watched``
+    (``val``, ``test``: name → loader or None; each process its share, summed over processes)."""
     lrs = group_lrs(optimizer)
     if hasattr(train_loader.sampler, "set_epoch"):
         train_loader.sampler.set_epoch(epoch)  # DistributedSampler: a new order every epoch
@@ -153,26 +185,31 @@ def run_epoch(network, model, train_loader, test_loader, optimizer, runtime: Run
     with Progress(f"epoch {epoch}/{cfg.epochs}", total=total, unit="img") as bar:
         loss_sum, correct, seen = train_epoch(network, train_loader, optimizer, runtime, cfg, bar, dist.world)
     seconds = time.perf_counter() - started
-    probs, truth = predict(model, test_loader, runtime, cfg.max_steps)
-    loss_sum, correct, seen, right, tested = dist.sum(
-        [loss_sum, correct, seen, (probs.argmax(1) == truth).sum().item(), len(truth)])
-    return EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), right / max(tested, 1),
-                      seen / seconds, seconds, lrs)
+    loss_sum, correct, seen = dist.sum([loss_sum, correct, seen])
+    scores = {}
+    for name, loader in watched.items():
+        if loader is not None:
+            probs, truth = predict(model, loader, runtime, cfg.max_steps)
+            split_loss, right, n = dist.sum(list(split_scores(probs, truth)))
+            scores |= {f"{name}_loss": split_loss / max(n, 1), f"{name}_acc": right / max(n, 1)}
+    scores.pop("test_loss", None)
+    return EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), seen / seconds, seconds, lrs, **scores)
 
 
 def _report(stats: EpochStats, cfg: TrainConfig) -> EpochStats:
     """Log an epoch's one summary line; stop on a loss that is not a number."""
-    log.info("epoch %d/%d: train loss %.4f, train acc %.3f, test acc %.3f, %.1f img/s, %.2f s",
-             stats.epoch, cfg.epochs, stats.train_loss, stats.train_acc, stats.test_acc, stats.images_per_s,
-             stats.seconds)
+    watched = "".join(f", {name} {value:.3f}" for name, value in (
+        ("val loss", stats.val_loss), ("val acc", stats.val_acc), ("test acc", stats.test_acc)) if value is not None)
+    log.info("epoch %d/%d: train loss %.4f, train acc %.3f%s, %.1f img/s, %.2f s", stats.epoch, cfg.epochs,
+             stats.train_loss, stats.train_acc, watched, stats.images_per_s, stats.seconds)
     if not math.isfinite(stats.train_loss):
         raise FloatingPointError(f"epoch {stats.epoch}: the training loss is {stats.train_loss}; lower train lr")
     return stats
 
 
 def predict_all(model, loader, runtime: Runtime, dist: Dist = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and labels of the whole test set in its order, each process scoring its
-    strided share (see loaders) and every process receiving all."""
+    """Probabilities and labels of a whole split in its order, each process scoring its strided
+    share (see loaders) and every process receiving all."""
     probs, truth = predict(model, loader, runtime)
     if not dist.active:
         return probs, truth

@@ -113,9 +113,9 @@ def test_training_outlives_a_tracking_server_outage_and_the_rerun_logs_the_rest(
     after = json.loads((out / "run.json").read_text())
     assert after == record | {"complete": True}  # the same MLflow run
     client = MlflowClient(server.uri)
-    for key in ("train_loss", "test_acc", "epoch_seconds"):
+    for key in ("train_loss", "val_acc", "epoch_seconds"):
         assert steps(client, record["mlflow_run_id"], key) == list(range(1, EPOCHS + 1)), key
-    assert len(client.get_metric_history(record["mlflow_run_id"], "final_test_acc")) == 1
+    assert len(client.get_metric_history(record["mlflow_run_id"], "selected.val_acc")) == 1
     assert client.get_run(record["mlflow_run_id"]).info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(record["mlflow_run_id"])}
     assert {"curves.png", "predictions.png"} <= names
@@ -147,7 +147,7 @@ def test_an_unwritable_artifact_store_is_a_message_and_the_rerun_logs_results_on
     result = train_variant(params, "finetune", paths(), project)
     assert result.run_id == run_id
     client = MlflowClient()
-    assert len(client.get_metric_history(run_id, "final_test_acc")) == 1
+    assert len(client.get_metric_history(run_id, "selected.val_acc")) == 1
     assert steps(client, run_id, "train_loss") == [1, 2]
     experiment = client.get_run(run_id).info.experiment_id
     models = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
@@ -157,7 +157,7 @@ def test_an_unwritable_artifact_store_is_a_message_and_the_rerun_logs_results_on
 
 def test_epochs_are_logged_once_however_often_they_are_offered(project):
     use_store(project)
-    history = [EpochStats(epoch, 1.0 / epoch, 0.5, 0.5, 10.0, 1.0, {"all": 0.01}) for epoch in (1, 2, 3)]
+    history = [EpochStats(epoch, 1.0 / epoch, 0.5, 10.0, 1.0, {"all": 0.01}, val_acc=0.5) for epoch in (1, 2, 3)]
     with mlflow.start_run() as run:
         assert runs.log_missing_epochs(run.info.run_id, history[:2]) == 2
         # a crash between an epoch's log and its checkpoint: the resume offers epoch 2 again

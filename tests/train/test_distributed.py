@@ -22,7 +22,7 @@ from finetune.train.distributed import SINGLE, interleave, torchrun_command
 SETTINGS = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
             **{f"train.finetune.{k}": v for k, v in {
                 "epochs": 4, "batch_size": 8, "max_steps": None, "workers": 0, "precision": "fp32",
-                "lr": 0.01, "momentum": 0.9, "head_lr_mult": 1,
+                "lr": 0.01, "momentum": 0.9, "head_lr_mult": 1, "val_fraction": 0.25,
                 # A frozen random backbone and a live head: DDP trains the head (a convex problem,
                 # so both runs get to the same answer); cached features would bypass DDP.
                 "strategy": "freeze", "cached_features": False}.items()}}
@@ -69,16 +69,17 @@ def test_two_gloo_processes_train_like_one(tmp_path):
                 if r.data.tags.get("variant") == "finetune"]
         assert len(runs) == 1, [r.info.run_id for r in runs]  # rank 0 alone logs
         assert runs[0].data.tags["processes"] == str(nproc)
-        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "test_acc")] == [1, 2, 3, 4]
+        assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_acc")] == [1, 2, 3, 4]
         state = torch.load(root / "models" / "finetune" / "model.pt", weights_only=True)
-        assert state["test_acc"] == pytest.approx(results[nproc]["test_acc"])
-        assert sorted(p.name for p in (root / "models" / "finetune").iterdir()) == ["checkpoint.pt", "model.pt", "run.json"]
+        assert state["val_acc"] == pytest.approx(results[nproc]["val_acc"])
+        assert sorted(p.name for p in (root / "models" / "finetune").iterdir()) == [
+            "checkpoint.pt", "model.pt", "run.json", "validation.csv"]
     if_two = "DistributedDataParallel over 2 processes"
     assert if_two in done.stdout  # the stage ran itself again under torchrun
-    # Every image seen once per epoch in total, the test set scored whole, accuracies alike.
-    assert results[2]["train_images"] == results[1]["train_images"] == 32
-    assert results[2]["test_images"] == results[1]["test_images"] == 16
-    assert results[1]["test_acc"] >= 0.9 and abs(results[2]["test_acc"] - results[1]["test_acc"]) <= 0.125
+    # Every image seen once per epoch in total, the validation set scored whole, accuracies alike.
+    assert results[2]["train_images"] == results[1]["train_images"] == 24
+    assert results[2]["val_images"] == results[1]["val_images"] == 8
+    assert results[1]["val_acc"] >= 0.875 and abs(results[2]["val_acc"] - results[1]["val_acc"]) <= 0.125
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -49,36 +49,39 @@ def test_which_epochs_train_the_head_on_cached_features(project, strategy, unfre
 
 
 def test_freeze_on_cached_features_reports_what_the_live_model_scores(project):
-    model, run = fit_tiny(project, strategy="freeze", epochs=3, max_steps=None, feature_views=2, momentum=0.9)
+    model, run = fit_tiny(project, strategy="freeze", epochs=3, max_steps=None, feature_views=2, momentum=0.9,
+                          select="last")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     passes = backbone_passes(model)
-    history = run()
+    history = run().history
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc.weight", "fc.bias"}  # backbone and BatchNorm statistics untouched
-    # The backbone ran once per batch of each view (2 views x 3 batches of 4 train images, 2
-    # test batches), all before the first epoch; the three head epochs did not run it.
-    assert len(passes) == 2 * 3 + 2
+    # The backbone ran once per batch of each view (2 views x 1 batch of the 4 train images left
+    # after 4 are held out, 1 validation batch), all before the first epoch; the three head
+    # epochs did not run it.
+    assert len(passes) == 2 * 1 + 1
     assert history[0].features_seconds > 0 and [s.features_seconds for s in history[1:]] == [0, 0]
-    # The accuracy reported from cached test features is the live model's on the test images.
+    # The accuracy reported from cached validation features is the live model's on those images
+    # (select: last, so the model holds the last epoch's weights).
     params = load_params(project / "params.yaml")
     from finetune.train.loaders import loaders
 
     cfg = params.train["finetune"]
-    _, test_loader, _ = loaders(params, cfg, project / params.data.dir, project / params.validate_.files,
-                                pin=False, project=project)
-    probs, truth = predict(model, test_loader, resolve_runtime(cfg))
-    assert history[-1].test_acc == pytest.approx((probs.argmax(1) == truth).float().mean().item())
+    data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files, pin=False,
+                   project=project)
+    probs, truth = predict(model, data.val, resolve_runtime(cfg))
+    assert history[-1].val_acc == pytest.approx((probs.argmax(1) == truth).float().mean().item())
 
 
 def test_gradual_leaves_cached_features_when_it_unfreezes(project):
     model, run = fit_tiny(project, strategy="gradual", epochs=2, unfreeze={2: "layer4"}, max_steps=None)
     layer4 = [p.clone() for p in model.layer4.parameters()]
     passes = backbone_passes(model)
-    history = run()
+    history = run().history
     assert history[0].features_seconds > 0 and history[1].features_seconds == 0
-    # Epoch 1: features of 1 view (3 train + 2 test batches); epoch 2 live: 3 train + 2 test batches.
-    assert len(passes) == (3 + 2) + (3 + 2)
+    # Epoch 1: features of 1 view (1 train + 1 validation batch); epoch 2 live: the same again.
+    assert len(passes) == (1 + 1) + (1 + 1)
     assert any(not torch.equal(a, b) for a, b in zip(layer4, model.layer4.parameters(), strict=True))
 
 

@@ -131,7 +131,7 @@ def test_kill_9_of_dvc_repro_ends_the_training_and_a_rerun_resumes_the_same_run(
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow' / 'mlflow.db'}")
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_acc")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2, 3]
     children = [r for r in client.search_runs([run.info.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert [r.info.run_id for r in children] == [run.info.run_id]
     # The lock file is gone before DVC hashes the output: the stage is clean afterwards.

@@ -33,7 +33,7 @@ TINY = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36
 
 
 def tiny_train(**changes) -> dict[str, object]:
-    base = {"epochs": 2, "batch_size": 4, "max_steps": 2, "workers": 0, "precision": "fp32"}
+    base = {"epochs": 2, "batch_size": 4, "max_steps": 2, "workers": 0, "precision": "fp32", "val_fraction": 0.5}
     return {f"train.finetune.{k}": v for k, v in (base | changes).items()}
 
 
@@ -87,11 +87,11 @@ def fit_tiny(project: Path, **changes):
     write_params(project / "params.yaml", project / "params.yaml", tiny_train(**changes))
     params = load_params(project / "params.yaml")
     cfg = params.train["finetune"]
-    train_loader, test_loader, classes = loaders(params, cfg, project / params.data.dir,
-                                                 project / params.validate_.files, pin=False, project=project)
-    model = build_model("resnet18", "none", len(classes))
-    return model, lambda **kw: fit(model, train_loader, test_loader, cfg, resolve_runtime(cfg),
-                                   project / "models" / "t", fingerprint="t", **kw)
+    data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files, pin=False,
+                   project=project)
+    model = build_model("resnet18", "none", len(data.classes))
+    return model, lambda **kw: fit(model, data, cfg, resolve_runtime(cfg), project / "models" / "t",
+                                   fingerprint="t", **kw)
 
 
 def test_freeze_trains_the_head_only_and_keeps_batchnorm_statistics(project):
@@ -120,7 +120,7 @@ def test_gradual_unfreezes_the_planned_blocks_at_their_epochs(project):
 
 def test_a_checkpoint_is_written_every_epoch_and_a_rerun_resumes(project):
     model, run = fit_tiny(project, epochs=2)
-    history = run()
+    history = run().history
     state = load_checkpoint(project / "models" / "t", "t")
     assert state["epoch"] == 2 and len(history) == 2
     assert load_checkpoint(project / "models" / "t", "other settings") is None
@@ -128,7 +128,7 @@ def test_a_checkpoint_is_written_every_epoch_and_a_rerun_resumes(project):
     epochs = []
     callback = OnEpoch(lambda s: epochs.append(s.epoch))
     resumed = run2(checkpoint=state, callbacks=[callback])
-    assert epochs == [3] and [s.epoch for s in resumed] == [1, 2, 3] and callback.ended == [1, 2, 3]
+    assert epochs == [3] and [s.epoch for s in resumed.history] == [1, 2, 3] and callback.ended == [1, 2, 3]
 
 
 @pytest.mark.parametrize("num_classes", [2, 5])
@@ -142,8 +142,12 @@ def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monk
     assert model["classes"] == list(names) and model["model"]["fc.weight"].shape[0] == num_classes
     assert model["settings"]["train"]["epochs"] == 2  # the config travels with the weights
     metrics = json.loads(Path("metrics/finetune.json").read_text())
-    assert metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1 and metrics["test_acc"] == result.test_acc
-    assert list(pd.read_csv("plots/finetune.csv")["epoch"]) == [1, 2]
+    assert metrics["epochs_trained"] == 2 and 0 <= metrics["val_acc"] <= 1 and metrics["val_acc"] == result.val_acc
+    assert metrics["selected_epoch"] == model["selected_epoch"] and model["val_acc"] == result.val_acc
+    plot = pd.read_csv("plots/finetune.csv")
+    assert list(plot["epoch"]) == [1, 2] and "test_acc" not in plot and plot["val_acc"].between(0, 1).all()
+    held = pd.read_csv("models/finetune/validation.csv")  # 2 of each class's 4 train images
+    assert sorted(held["class"]) == sorted(names * 2)
 
     client = MlflowClient(f"sqlite:///{Path('mlflow/mlflow.db').resolve()}")
     run = client.get_run(result.run_id)
@@ -153,10 +157,11 @@ def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monk
     assert run.data.tags["device"] == "cpu" and run.data.tags["precision"] == "fp32"
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["finetune.pipeline"]
-    assert [m.step for m in client.get_metric_history(result.run_id, "test_acc")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_acc")] == [1, 2]
+    assert not client.get_metric_history(result.run_id, "test_acc")  # the test split is evaluation's
     assert {m.key for m in client.get_metric_history(result.run_id, "lr_head")} == {"lr_head"}
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"curves.png", "predictions.png", "config.json", "params.yaml", "finetune.json"} <= artifacts
+    assert {"curves.png", "predictions.png", "config.json", "params.yaml", "finetune.json", "validation"} <= artifacts
     assert list(Path("mlflow/artifacts").rglob("predictions.png")) and not Path("mlruns").exists()
     import mlflow.pytorch
 
@@ -195,11 +200,11 @@ def test_kill_9_mid_epoch_then_rerun_resumes_and_continues_the_mlflow_run(tmp_pa
     client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(run_id, "test_acc")}) == [1, 2, 3]
+    assert sorted({m.step for m in client.get_metric_history(run_id, "val_acc")}) == [1, 2, 3]
     runs = client.search_runs([run.info.experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [r.info.run_id for r in children] == [run_id]  # no orphan from the killed attempt
-    assert json.loads((project / "m.json").read_text())["epochs"] == 3
+    assert json.loads((project / "m.json").read_text())["epochs_trained"] == 3
 
 
 def test_a_finished_training_is_not_resumed_but_trained_afresh(project, monkeypatch):
