@@ -102,3 +102,9 @@ def winner(document: dict, metric: str, preferred: str) -> str:
                             f"{sorted(next(iter(document.values()), {}))}.")
     sign = -1 if metric in LOWER_IS_BETTER else 1
     return max(scores, key=lambda name: (sign * scores[name], name == preferred))
+
+
+def choose_by_validation(scores: dict[str, dict], preferred: str) -> str:
+    """The variant whose kept epoch has the best validation accuracy (``scores``: variant ->
+    {"val_acc", "val_loss"}); ties go to the lower validation loss, then to ``preferred``."""
+    return max(scores, key=lambda name: (scores[name]["val_acc"], -scores[name]["val_loss"], name == preferred))

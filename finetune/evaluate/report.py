@@ -22,9 +22,27 @@ def test_images(document: dict) -> int:
     return sum(int(values["support"]) for values in per_class.values())
 
 
+def verdict_line(document: dict) -> str:
+    """The comparison in one sentence: who scores higher on test accuracy, by how much, on how
+    many images, and whether the exact McNemar test says it could be luck."""
+    comparison = document["comparison"]
+    challenger, baseline = comparison["challenger"], comparison["baseline"]
+    delta, p = comparison["delta"]["accuracy"], comparison["mcnemar"]["p_value"]
+    if delta == 0:
+        lead = f"{challenger} and {baseline} tie on test accuracy"
+    else:
+        first, second = (challenger, baseline) if delta > 0 else (baseline, challenger)
+        lead = f"{first} beats {second} on test accuracy"
+    luck = ("unlikely to be luck" if p < 0.01 else "probably not luck" if p < 0.05
+            else "could be luck: more test data would tell")
+    return (f"{lead}: {document[challenger]['accuracy']:.3f} vs {document[baseline]['accuracy']:.3f} "
+            f"({delta * 100:+.1f} points on {test_images(document)} test images); McNemar p = {p:.2g}, {luck}.")
+
+
 def comparison_lines(document: dict) -> list[str]:
-    """The metrics table with deltas, then the McNemar sentence."""
-    return [*metrics_table(document), "", mcnemar_sentence(document["comparison"], test_images(document))]
+    """The verdict, the metrics table with deltas, then the McNemar sentence."""
+    return [f"**Verdict**: {verdict_line(document)}", "", *metrics_table(document), "",
+            mcnemar_sentence(document["comparison"], test_images(document))]
 
 
 def evaluation_markdown(document: dict, results: list[VariantEval], dataset: Path, figures: dict[str, Path],

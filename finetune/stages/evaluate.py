@@ -26,7 +26,7 @@ from finetune.command import stage_main
 from finetune.config import Params
 from finetune.evaluate.figures import write_plots
 from finetune.evaluate.metrics import VariantEval, metrics_document
-from finetune.evaluate.report import evaluation_markdown
+from finetune.evaluate.report import evaluation_markdown, verdict_line
 from finetune.evaluate.scoring import evaluate_variants
 from finetune.files import write_atomic
 from finetune.tracking.evaluation import log_evaluation
@@ -69,10 +69,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
     results, comparison = run_evaluate(params, EvalPaths(args.models, args.history))
     for r in results:
         print(f"{r.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()))
-    test = comparison["mcnemar"]
-    print(f"{comparison['challenger']} - {comparison['baseline']}: accuracy {comparison['delta']['accuracy']:+.4f}, "
-          f"McNemar p = {test['p_value']:.4g} ({test['challenger_only']} vs {test['baseline_only']} discordant); "
-          f"report {params.evaluate.report}")
+    print(f"verdict: {verdict_line(metrics_document(results, comparison))} Report: {params.evaluate.report}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

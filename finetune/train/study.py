@@ -1,0 +1,61 @@
+"""One seed of the study: the compared variants (evaluate.challenger, evaluate.baseline) trained
+on each fraction of the train split, each with its own recipe and this seed, then scored on the
+test split. Validation is held out first, as in the train stages, and chooses each run's epoch;
+the fractions are nested subsets of what remains (finetune/train/subsets.py). Decoded images
+(and, for frozen strategies, cached features within a run) are shared, so a study costs about
+its training steps."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from finetune.config import Params
+from finetune.model.factory import build_model, weights_path
+from finetune.train.callbacks import EpochStats
+from finetune.train.loaders import loaders
+from finetune.train.loop import fit, predict_all
+from finetune.train.runtime import resolve_runtime, seed_everything
+from finetune.train.subsets import nested_subset
+
+log = logging.getLogger(__name__)
+
+
+def train_and_test(params: Params, variant: str, fraction: float, seed: int, project: Path) -> tuple[dict, list]:
+    """Train ``variant`` with ``seed`` on ``fraction`` of each train class; (record, history).
+
+    The record: seed, fraction, variant, train_images, classes, val_acc and selected_epoch of the
+    kept weights, test_acc and ``right`` (1/0 per test image in the file list's order)."""
+    cfg = params.train[variant].model_copy(update={"seed": seed})
+    seed_everything(seed, cfg.deterministic)
+    runtime = resolve_runtime(cfg)
+    data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files,
+                   runtime.device.type == "cuda", project, key=f"train.{variant}.val_fraction", test=True,
+                   subset=lambda labels, train: nested_subset(labels, train, fraction, seed))
+    weights = params.model.weights if cfg.init == "pretrained" else "none"
+    model = build_model(params.model.arch, weights_path(weights, project), len(data.classes))
+    with tempfile.TemporaryDirectory(prefix="study-") as scratch:  # checkpoints: a study run does not resume
+        fitted = fit(model, data, cfg, runtime, Path(scratch), fingerprint=f"study-{variant}-{fraction}-{seed}")
+    probs, truth = predict_all(model, data.test, runtime)
+    right = (probs.argmax(1) == truth).int().tolist()
+    record = {"seed": seed, "fraction": fraction, "variant": variant, "train_images": data.train_images,
+              "classes": len(data.classes), "val_acc": fitted.selected.val_acc,
+              "selected_epoch": fitted.selected.epoch, "test_acc": sum(right) / len(right), "right": right}
+    log.info("study seed %d, %s on %g of train (%d images): test accuracy %.3f (epoch %d kept)", seed, variant,
+             fraction, data.train_images, record["test_acc"], record["selected_epoch"])
+    return record, fitted.history
+
+
+def study_seed(params: Params, seed: int, project: Path,
+               report: Callable[[dict, list[EpochStats]], None] = lambda record, history: None) -> list[dict]:
+    """Every fraction × compared variant with ``seed``, smallest fraction first; ``report`` gets
+    each record and history as it is done (tracking)."""
+    records = []
+    for fraction in params.study.fractions:
+        for variant in (params.evaluate.challenger, params.evaluate.baseline):
+            record, history = train_and_test(params, variant, fraction, seed, project)
+            report(record, history)
+            records.append(record)
+    return records

@@ -1,0 +1,32 @@
+"""The evaluate report's one-sentence verdict, and that the report and the flow's artifact open with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.evaluate.report import comparison_lines, verdict_line
+
+
+def document(finetune: float, scratch: float, p: float, n: int = 400) -> dict:
+    per_class = {"hotdog": {"support": n // 2}, "not-hotdog": {"support": n - n // 2}}
+    return {"finetune": {"accuracy": finetune, "per_class": per_class}, "scratch": {"accuracy": scratch},
+            "comparison": {"challenger": "finetune", "baseline": "scratch",
+                           "delta": {"accuracy": finetune - scratch},
+                           "mcnemar": {"p_value": p, "discordant": 10, "challenger_only": 8, "baseline_only": 2}}}
+
+
+@pytest.mark.parametrize(("finetune", "scratch", "p", "expected"), [
+    (0.939, 0.843, 0.0001, "finetune beats scratch on test accuracy: 0.939 vs 0.843 (+9.6 points on 400 test "
+                           "images); McNemar p = 0.0001, unlikely to be luck."),
+    (0.60, 0.65, 0.03, "scratch beats finetune on test accuracy: 0.600 vs 0.650 (-5.0 points on 400 test images); "
+                       "McNemar p = 0.03, probably not luck."),
+    (0.7, 0.7, 1.0, "finetune and scratch tie on test accuracy: 0.700 vs 0.700 (+0.0 points on 400 test images); "
+                    "McNemar p = 1, could be luck: more test data would tell."),
+])
+def test_the_verdict_names_the_winner_the_gap_and_the_evidence(finetune, scratch, p, expected):
+    assert verdict_line(document(finetune, scratch, p)) == expected
+
+
+def test_the_comparison_opens_with_the_verdict():
+    lines = comparison_lines(document(0.9, 0.8, 0.001))
+    assert lines[0] == f"**Verdict**: {verdict_line(document(0.9, 0.8, 0.001))}"

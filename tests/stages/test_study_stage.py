@@ -1,0 +1,59 @@
+"""The study stages end to end on a tiny project: per-seed runs, nested subsets, the report, MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from train.test_training import make_project, tiny_train
+
+from finetune.config import load_params
+from finetune.stages.study import run_seed
+from finetune.stages.study_report import report
+
+STUDY = {"study.enabled": True, "study.seeds": [0, 1], "study.fractions": [0.5, 1.0], **tiny_train(epochs=1),
+         **{k.replace("train.finetune.", "train.scratch."): v for k, v in tiny_train(epochs=1).items()}}
+
+
+def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = make_project(tmp_path / "p", train=4, test=2, **STUDY)
+    params = load_params(project / "params.yaml")
+    seeds = [run_seed(params, seed, Path(f"reports/study/seed-{seed}.json"), project) for seed in (0, 1)]
+    runs = [r for s in seeds for r in s["runs"]]
+    assert [(r["fraction"], r["variant"]) for r in seeds[0]["runs"]] == [
+        (0.5, "finetune"), (0.5, "scratch"), (1.0, "finetune"), (1.0, "scratch")]
+    # 4 train images per class, 2 held out for validation: 1 and then 2 per class train.
+    assert {(r["fraction"], r["train_images"]) for r in runs} == {(0.5, 2), (1.0, 4)}
+    assert all(len(r["right"]) == 4 and r["test_acc"] == sum(r["right"]) / 4 for r in runs)
+    assert seeds[0]["parent_run"] == seeds[1]["parent_run"]  # one study, whichever seed came first
+
+    document = report(params, project)
+    assert set(document["fractions"]) == {"0.5", "1"} and document["fractions"]["1"]["seeds"] == 2
+    metrics = json.loads((project / "metrics/study.json").read_text())
+    assert metrics["verdict"] == document["verdict"] and metrics["enabled"] is True
+    curve = pd.read_csv(project / "plots/study/curve.csv")
+    assert list(curve["train_images"]) == [2, 4] and {"finetune", "scratch"} <= set(curve.columns)
+    assert (project / "plots/study/curve.png").stat().st_size > 0
+    assert (project / "reports/study.md").read_text().splitlines()[2] == document["verdict"]
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    parent = client.get_run(seeds[0]["parent_run"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["mlflow.note.content"] == document["verdict"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "study")} == {"study/curve.png",
+                                                                                    "study/study.md"}
+
+
+def test_a_disabled_study_trains_nothing_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = make_project(tmp_path / "p")
+    params = load_params(project / "params.yaml")
+    assert run_seed(params, 0, Path("reports/study/seed-0.json"), project)["enabled"] is False
+    assert report(params, project) == {"enabled": False}
+    assert "no study was run" in (project / "reports/study.md").read_text()
+    assert not (project / "mlflow").exists()
