@@ -2,7 +2,8 @@
 ``validate.on_failure``.
 
 Outputs (paths from params): the index (parquet), the JSON report (a DVC metrics file), the Data
-Docs site, and — only when validation passes — the list of files that training uses. A failed
+Docs site with its self-contained page of this run (``<validate.docs>/index.html``, readable
+offline), and — only when validation passes — the list of files that training uses. A failed
 validation therefore never replaces the file list of the last good one.
 """
 
@@ -19,6 +20,7 @@ import pandas as pd
 from finetune.config import ValidateConfig
 from finetune.data.checks import FILE_CHECKS, CheckResult, build_docs, open_context, run_suites, tables
 from finetune.data.index import build_index, list_dataset
+from finetune.data.report_html import plain_error, write_page
 from finetune.errors import FinetuneError
 from finetune.files import write_atomic
 
@@ -39,7 +41,7 @@ class Verdict:
     quarantined: list[str]
     errors: dict[str, str]  # path -> why the file could not be decoded
     report: dict
-    docs: Path
+    docs: Path  # the run's self-contained HTML page (<validate.docs>/index.html)
 
 
 def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".")) -> Verdict:
@@ -66,7 +68,6 @@ def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".
         checks = run_suites(cfg, tables(kept, listing.classes), context, f"{run_name}-quarantined")
     used = index[~index["path"].isin(quarantined)]
     passed = not _failed(checks)
-    docs = build_docs(cfg, context, workdir)
     report = _report(cfg, index, used, checks, first_failed, quarantined, listing.ignored,
                      index_seconds, passed)
     write_atomic(workdir / cfg.report, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
@@ -74,7 +75,8 @@ def validate_dataset(cfg: ValidateConfig, dataset: Path, workdir: Path = Path(".
         files = used.loc[:, ["path", "split", "class"]]
         write_atomic(workdir / cfg.files, lambda tmp: files.to_csv(tmp, index=False))
     failing = index.dropna(subset=["error"])
-    errors = dict(zip(failing["path"], failing["error"], strict=True))
+    errors = {path: plain_error(error) for path, error in zip(failing["path"], failing["error"], strict=True)}
+    docs = write_page(build_docs(cfg, context, workdir), report, checks, errors, dataset, run_name)
     return Verdict(passed, checks, quarantined, errors, report, docs)
 
 
@@ -111,7 +113,8 @@ def failure_message(verdict: Verdict, cfg: ValidateConfig) -> str:
         "Nothing downstream runs. Fix or remove these files in the dataset (then publish a new "
         "archive and update data.url/data.checksum), adjust the thresholds under validate: in "
         "params.yaml if they are wrong for this data, or set validate.on_failure: quarantine to "
-        f"train without the bad files. Details: {cfg.report}; Data Docs: {verdict.docs}"
+        f"train without the bad files. Details: {cfg.report}; every expectation and offending file, "
+        f"readable offline: {verdict.docs}"
     )
     return "\n".join(lines)
 

@@ -20,14 +20,20 @@ from finetune.files import write_atomic  # noqa: E402
 
 
 def comparison_curves(histories: dict) -> plt.Figure:
-    """Test accuracy and train loss per epoch of several variants on shared axes
-    (``histories``: variant -> DataFrame with epoch, test_acc, train_loss)."""
+    """Validation accuracy (test accuracy for a training without a validation split that scored
+    it) and train loss per epoch of several variants on shared axes (``histories``: variant ->
+    DataFrame with epoch, train_loss and val_acc or test_acc)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    watched = set()
     for name, frame in histories.items():
-        right.plot(frame["epoch"], frame["test_acc"], marker="o", label=name)
+        column = next((c for c in ("val_acc", "test_acc") if c in frame), None)
+        if column:
+            watched.add(column)
+            right.plot(frame["epoch"], frame[column], marker="o", label=name)
         left.plot(frame["epoch"], frame["train_loss"], marker="o", label=name)
+    label = " / ".join(sorted({"val_acc": "validation accuracy", "test_acc": "test accuracy"}[c] for c in watched))
     left.set(xlabel="epoch", ylabel="train loss", title="train loss")
-    right.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy", ylim=(0, 1))
+    right.set(xlabel="epoch", ylabel=label or "accuracy", title=label or "accuracy", ylim=(0, 1))
     for ax in (left, right):
         ax.legend()
     fig.tight_layout()
@@ -127,12 +133,40 @@ def misclassified(result: VariantEval, limit: int) -> list[int]:
     return wrong[np.argsort(-confidence, kind="stable")][:limit].tolist()
 
 
+def error_caption(path: str, predicted: str, confidence: float) -> str:
+    """An error grid caption: ``<true class folder>/<file>`` (file names repeat across classes:
+    hotdog/0024.jpg and not-hotdog/0024.jpg), then the predicted class and its probability."""
+    file = Path(path)
+    return f"{file.parent.name}/{file.name}\n→ {predicted} {confidence:.2f}"
+
+
 def errors_figure(result: VariantEval, dataset: Path, limit: int, title: str | None = None):
     """The grid of misclassified test images with true and predicted class and confidence."""
     chosen = misclassified(result, limit)
     images = [load_image(dataset / result.paths[i]) for i in chosen]
-    captions = [f"{Path(result.paths[i]).name}\ntrue {result.classes[result.truth[i]]}\n"
-                f"→ {result.classes[result.predicted[i]]} {result.probs[i].max():.2f}" for i in chosen]
+    captions = [error_caption(result.paths[i], result.classes[result.predicted[i]], result.probs[i].max())
+                for i in chosen]
     wrong = int((result.predicted != result.truth).sum())
     heading = title or f"{result.name}: {wrong} of {len(result.truth)} test images misclassified"
-    return error_grid(images, captions, f"{heading} (most confident first, {len(chosen)} shown)")
+    return error_grid(images, captions, f"{heading} (most confident first, {len(chosen)} shown; "
+                                        "caption: true class/file → predicted, probability)")
+
+
+def learning_curve(document: dict) -> plt.Figure:
+    """The study's learning curve: test accuracy vs train images, each variant's mean over seeds
+    with its 95% interval as a band, the crossover marked when the curves cross."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = list(document["fractions"].values())
+    sizes = [r["train_images"] for r in rows]
+    for variant in (document["challenger"], document["baseline"]):
+        means = [r[variant]["mean"] for r in rows]
+        ax.plot(sizes, means, marker="o", label=variant)
+        if all(r[variant]["low"] is not None for r in rows):
+            ax.fill_between(sizes, [r[variant]["low"] for r in rows], [r[variant]["high"] for r in rows], alpha=0.2)
+    if document["crossover_images"] is not None:
+        ax.axvline(document["crossover_images"], color="grey", linestyle="--", label="crossover")
+    ax.set(xscale="log" if sizes[-1] > 4 * sizes[0] else "linear", xlabel="train images",
+           ylabel="test accuracy", title="learning curve (mean, 95% interval over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -35,7 +35,7 @@ def run(params: Params, args: argparse.Namespace) -> None:
         raise ValidationFailed(failure_message(verdict, cfg))
     print(f"validation passed: {report['used']} of {report['files']} files "
           f"({report['quarantined']} quarantined) -> {cfg.files}; report {cfg.report}; "
-          f"Data Docs {verdict.docs}")
+          f"Data Docs (offline page) {verdict.docs}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

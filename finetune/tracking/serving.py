@@ -4,9 +4,15 @@
 It carries its own preprocessing (the training's test transform, ImageNet statistics) and its
 limits, so a client sends the file's bytes and nothing else. `python -m finetune serve` runs
 MLflow's own scoring app (the one `mlflow models serve` runs) in uvicorn, behind a request-size
-limit: ``POST /invocations`` with ``{"dataframe_records": [{"image": "<base64>"}]}``; a body over
-serve.max_request_mb is a 413 before it is read, a bad image is a 400 naming the row and the
-reason (sizes checked on the header, before decoding), and the server goes on serving.
+limit: ``POST /invocations`` with ``{"dataframe_records": [{"image": "<base64>"}]}``.
+
+Answers are per row: ``{"predictions": [{"class", "confidence", "probabilities"}, {"error":
+"row 1: ..."}, ...]}``, in request order. A bad image (not base64, not an image, over
+serve.max_image_mb, or over the pixel limit: sizes checked on the header, before decoding) is an
+error entry naming its row and the reason; the other rows are scored. HTTP 200 when at least one
+row was scored; 400 when none was, or when the request as a whole is malformed (not JSON, no
+``image`` column, no rows); 413 for a body over serve.max_request_mb, before it is read. Error
+messages never repeat the request's data nor Python object reprs, and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import ctypes
 import ctypes.util
 import io
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -45,7 +52,15 @@ from finetune.tracking.store import use_store
 # finetune.serving.ImageClassifierModel: let them load in any process that imports this module.
 sys.modules.setdefault("finetune.serving", sys.modules[__name__])
 IMAGE_COLUMN = "image"
+ERROR_KEY = "error"  # a row that could not be scored: {"error": "row <i>: <why>"}
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]))
+REQUEST_SHAPE = f'send {{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 of the image file>"}}, ...]}}'
+# What error messages must not carry: Python object reprs ("<_io.BytesIO object at 0x7f...>"),
+# and any long unbroken run of characters, which can only be a slice of the request (base64).
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+LONG_RUN = re.compile(r"\S{41,}")
+MESSAGE_CHARS = 600
+SHOWN_ROWS = 5  # row errors quoted in the message of a batch where no row could be scored
 
 
 def encode(data: bytes) -> str:
@@ -69,7 +84,11 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.classifier = load_classifier(Path(context.artifacts["checkpoint"]))
+        # limits.json since the limits stopped being logged as the training run's params; models
+        # registered before carry them as model_config.
         limits = context.model_config or {}
+        if "limits" in context.artifacts:
+            limits = json.loads(Path(context.artifacts["limits"]).read_text())
         self.max_bytes = int(float(limits.get("max_image_mb", 20)) * 2**20)
         self.max_pixels = int(limits.get("max_pixels", Image.MAX_IMAGE_PIXELS or 89_478_485))
         self.pixels_setting = "validate.max_pixels"
@@ -82,16 +101,24 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
             self.max_pixels, self.pixels_setting = limits.max_pixels, "serve.max_pixels"
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
+        """One answer per row, in order: the class and probabilities, or ``{"error": "row i: why"}``
+        for a row whose image cannot be used (the other rows are scored all the same)."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({IMAGE_COLUMN: model_input})
         if IMAGE_COLUMN not in frame.columns or frame.empty:
             raise MlflowException(f"send one or more rows with a column {IMAGE_COLUMN!r} (base64 image bytes)",
                                   error_code=INVALID_PARAMETER_VALUE)
-        try:
-            images = [decode_image(decode_base64(value, f"row {i}"), f"row {i}", self.max_bytes, self.max_pixels,
-                                   self.pixels_setting) for i, value in enumerate(frame[IMAGE_COLUMN])]
-        except ImageError as err:
-            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
-        return describe(self.classifier.classes, probabilities(self.classifier, images))
+        answers: list[dict | None] = [None] * len(frame)
+        images = {}
+        for i, value in enumerate(frame[IMAGE_COLUMN]):
+            try:
+                images[i] = decode_image(decode_base64(value, f"row {i}"), f"row {i}", self.max_bytes,
+                                         self.max_pixels, self.pixels_setting)
+            except ImageError as err:
+                answers[i] = {ERROR_KEY: clean_message(str(err))}
+        scored = describe(self.classifier.classes, probabilities(self.classifier, list(images.values())))
+        for i, answer in zip(images, scored, strict=True):
+            answers[i] = answer
+        return answers
 
 
 def example_image() -> str:
@@ -102,33 +129,43 @@ def example_image() -> str:
 
 
 def log_classifier(checkpoint: Path, params_file: Path, limits: dict) -> mlflow.models.model.ModelInfo:
-    """Log the checkpoint as a servable pyfunc ``classifier`` in the active run (with params.yaml)."""
-    return mlflow.pyfunc.log_model(
-        name="classifier", python_model=ImageClassifierModel(),
-        artifacts={"checkpoint": str(checkpoint), "params": str(params_file)},
-        model_config=limits, signature=SIGNATURE,
-        input_example=pd.DataFrame({IMAGE_COLUMN: [example_image()]}),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"torchvision=={torchvision.__version__.split('+')[0]}",
-                          f"pillow=={PIL.__version__}", f"mlflow=={mlflow.__version__}"])
+    """Log the checkpoint as a servable pyfunc ``classifier`` in the active run (with params.yaml),
+    its ``limits`` as the artifact limits.json: not as model_config, which MLflow also logs as
+    params of the run, where serving limits would pass for training settings."""
+    with tempfile.TemporaryDirectory(prefix="finetune-limits-") as folder:
+        limits_file = Path(folder) / "limits.json"
+        limits_file.write_text(json.dumps(limits))
+        return mlflow.pyfunc.log_model(
+            name="classifier", python_model=ImageClassifierModel(),
+            artifacts={"checkpoint": str(checkpoint), "params": str(params_file), "limits": str(limits_file)},
+            signature=SIGNATURE, input_example=pd.DataFrame({IMAGE_COLUMN: [example_image()]}),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"pillow=={PIL.__version__}", f"mlflow=={mlflow.__version__}"])
 
 
-def predict_files(model, files: Sequence[Path]) -> list[dict]:
+def predict_files(model, files: Sequence[Path], batch: int = 32) -> list[dict]:
     """``{"file", "class", "confidence", "probabilities"}`` or ``{"file", "error"}`` per file,
-    scored by the pyfunc ``model`` exactly as the server scores a posted image."""
-    results = []
-    for path in files:
+    scored by the pyfunc ``model`` exactly as the server scores a posted batch (``batch`` files
+    per call: one bad file does not stop the others)."""
+    results: list[dict] = []
+    readable: list[tuple[int, Path, bytes]] = []
+    for path in map(Path, files):
         try:
-            data = Path(path).read_bytes()
+            readable.append((len(results), path, path.read_bytes()))
+            results.append({"file": str(path)})
         except OSError as err:
-            results.append({"file": str(path), "error": f"cannot read it ({err.strerror})"})
-            continue
+            results.append({"file": str(path), ERROR_KEY: f"cannot read it ({err.strerror})"})
+    for start in range(0, len(readable), batch):
+        chunk = readable[start:start + batch]
         try:
-            (row,) = model.predict(pd.DataFrame({IMAGE_COLUMN: [encode(data)]}))
-        except MlflowException as err:
-            results.append({"file": str(path), "error": err.message.replace("row 0", str(path))})
-            continue
-        results.append({"file": str(path), **row})
+            answers = model.predict(pd.DataFrame({IMAGE_COLUMN: [encode(data) for _, _, data in chunk]}))
+        except MlflowException as err:  # the batch as a whole (not one image) was refused
+            answers = [{ERROR_KEY: clean_message(err.message)}] * len(chunk)
+        for row, ((i, path, _), answer) in enumerate(zip(chunk, answers, strict=True)):
+            if ERROR_KEY in answer:  # "row 3: not an image ..." -> "<file>: not an image ..."
+                answer = {ERROR_KEY: answer[ERROR_KEY].replace(f"row {row}:", f"{path}:", 1)}
+            results[i].update(answer)
     return results
 
 
@@ -157,7 +194,8 @@ class RequestSizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and not declared.isdigit():
-            return await answer(send, 400, f"Content-Length {declared.decode(errors='replace')!r} is not a number.")
+            shown = declared[:20].decode(errors="replace")  # a header, but still the client's text: cut short
+            return await answer(send, 400, f"Content-Length {shown!r} is not a number.")
         if declared is not None and int(declared) > self.max_bytes:
             return await self.refuse(send, f"declares {int(declared)} bytes")
         chunks, size = [], 0
@@ -202,6 +240,77 @@ async def answer(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def clean_message(message: str) -> str:
+    """An error message fit to send back: what went wrong, without the request's data (MLflow
+    quotes the whole input frame, or the raw body, in its messages), object reprs or tracebacks."""
+    text = str(message)
+    if text.startswith("Failed to predict data '"):  # "... '<the input frame>'. \nError: <why>"
+        text = text.rpartition("'. \nError: ")[2]
+    if text.startswith("Failed to enforce schema of data '"):  # "... '<frame>' with schema '...'. Error: <why>"
+        text = f"the rows do not match the model's input ({text.rpartition(chr(39) + '. Error: ')[2]})"
+    text = text.split("\nInput:", 1)[0].split(" IMPORTANT:", 1)[0]  # MLflow appends the body, then a lecture
+    text = LONG_RUN.sub("[...]", OBJECT_REPR.sub("", text)).strip()
+    text = " ".join(text.split())  # one line
+    if len(text) > MESSAGE_CHARS:
+        text = text[:MESSAGE_CHARS - 5] + " [...]"
+    if not text.startswith("row "):
+        text = text.rstrip(".") + f"; {REQUEST_SHAPE}."
+    return text
+
+
+def per_row_answer(status: int, body: bytes) -> tuple[int, bytes]:
+    """The scoring app's answer made fit to send: a batch where no row could be scored is a 400
+    quoting the rows' errors; an error's message is cleaned (clean_message) and its traceback dropped."""
+    try:
+        answer = json.loads(body)
+    except ValueError:  # plain text (415, 504): it quotes no data
+        return status, body
+    if not isinstance(answer, dict):
+        return status, body
+    rows = answer.get("predictions")
+    failed = isinstance(rows, list) and rows and all(isinstance(row, dict) and ERROR_KEY in row for row in rows)
+    if status == 200 and failed:
+        errors = [row[ERROR_KEY] for row in rows]
+        message = errors[0] if len(errors) == 1 else (
+            f"none of the {len(errors)} rows could be scored: " + "; ".join(errors[:SHOWN_ROWS])
+            + (f"; and {len(errors) - SHOWN_ROWS} more" if len(errors) > SHOWN_ROWS else ""))
+        return 400, json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
+    if status >= 400 and "message" in answer:
+        code = answer.get("error_code", "BAD_REQUEST")
+        return status, json.dumps({"error_code": code, "message": clean_message(answer["message"])}).encode()
+    return status, body
+
+
+class PerRowAnswers:
+    """ASGI middleware over the scoring app's /invocations: its answer passes through
+    per_row_answer before it is sent (other paths are left as they are)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/invocations":
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def hold(message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    status, body = per_row_answer(start["status"], b"".join(chunks))
+                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    await send({"type": "http.response.start", "status": status,
+                                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+            else:
+                await send(message)
+
+        await self.app(scope, receive, hold)
+
+
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
@@ -214,11 +323,12 @@ def release_memory() -> None:
 
 def scoring_app(model, limits: ServeConfig):
     """MLflow's scoring app (/invocations, /ping, /health, /version) for the loaded pyfunc
-    ``model``, with the ``serve:`` limits applied to the model and to request bodies."""
+    ``model``, with the ``serve:`` limits applied to the model and to request bodies, and its
+    answers per row (PerRowAnswers)."""
     from mlflow.pyfunc import scoring_server
 
     model.unwrap_python_model().apply_limits(limits)
-    return RequestSizeLimit(scoring_server.init(model), int(limits.max_request_mb * 2**20))
+    return RequestSizeLimit(PerRowAnswers(scoring_server.init(model)), int(limits.max_request_mb * 2**20))
 
 
 def serve(uri: str, host: str, port: int, project: Path = Path("."), limits: ServeConfig | None = None) -> None:

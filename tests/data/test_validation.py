@@ -113,6 +113,7 @@ def test_bad_dataset_stops_with_the_failed_checks_and_files(project, capsys, cas
     assert code == 1
     assert set(report["failed"]) == failed and report["passed"] is False
     assert "validation failed" in output and "validate.on_failure: quarantine" in output
+    assert " at 0x" not in output  # decoder messages without Python object reprs
     for check in failed:
         assert f"- {check}:" in output
     for word in words:

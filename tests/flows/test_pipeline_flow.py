@@ -99,10 +99,13 @@ def test_stage_order_follows_the_dag(tmp_path):
     extra = "  count:\n    cmd: wc -l data/validate/files.csv > count.txt\n    deps: [data/validate/files.csv]\n    outs: [count.txt]\n"
     (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
     order = stage_order(workspace)
-    assert sorted(order) == ["count", "evaluate", "fetch", "pretrain", "register", "train@finetune",
-                             "train@scratch", "validate"]
+    study = [f"study@{seed}" for seed in load_params(workspace / "params.yaml").study.seeds]
+    assert sorted(order) == sorted(["count", "evaluate", "fetch", "pretrain", "register", "train@finetune",
+                                    "train@scratch", "validate", "study-report", *study])
     before = {"validate": ["fetch"], "count": ["validate"], "train@finetune": ["validate", "pretrain"],
               "train@scratch": ["validate", "pretrain"], "evaluate": ["train@finetune", "train@scratch"],
-              "register": ["evaluate"]}
+              "register": ["evaluate"], "study-report": study}
     for stage, upstream in before.items():
         assert all(order.index(u) < order.index(stage) for u in upstream), order
+    # The study comes after everything it does not feed: the candidate is registered first.
+    assert order[-len(study) - 1:] == [*study, "study-report"], order

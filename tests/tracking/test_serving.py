@@ -5,6 +5,7 @@ serve` (`make serve`: MLflow's scoring app in uvicorn) answering real HTTP reque
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -92,39 +93,108 @@ def records(*images: bytes) -> bytes:
     return json.dumps({"dataframe_records": [{"image": b64(data)} for data in images]}).encode()
 
 
-def test_served_endpoint_answers_like_predict_and_survives_bad_input(production, tmp_path):
+@pytest.fixture(scope="module")
+def endpoint(production, tmp_path_factory):
+    """`python -m finetune serve` of the production model: its /invocations URL."""
+    project, env = production
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    server = start_server([sys.executable, "-m", "finetune", "serve", "--port", str(port)],
+                          f"http://127.0.0.1:{port}/ping", log, env=env, cwd=project)
+    yield f"http://127.0.0.1:{port}/invocations"
+    stop_server(server)
+
+
+def test_served_endpoint_answers_like_predict_and_survives_bad_input(production, endpoint, tmp_path):
     project, env = production
     images = files(tmp_path)
-    port = free_port()
-    server = start_server([sys.executable, "-m", "finetune", "serve", "--port", str(port)],
-                          f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env, cwd=project)
-    url = f"http://127.0.0.1:{port}/invocations"
-    try:
-        _, local = predict(project, env, images["small.jpg"], images["large.jpg"])
-        status, body = post(url, records(images["small.jpg"].read_bytes(), images["large.jpg"].read_bytes()))
-        assert status == 200, body
-        served = body["predictions"]
-        for row, name in zip(served, ("small.jpg", "large.jpg"), strict=True):
-            expected = local[str(images[name])]
-            assert row["class"] == expected["class"]
-            assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
+    url = endpoint
+    _, local = predict(project, env, images["small.jpg"], images["large.jpg"])
+    status, body = post(url, records(images["small.jpg"].read_bytes(), images["large.jpg"].read_bytes()))
+    assert status == 200, body
+    served = body["predictions"]
+    for row, name in zip(served, ("small.jpg", "large.jpg"), strict=True):
+        expected = local[str(images[name])]
+        assert row["class"] == expected["class"]
+        assert row["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
 
-        status, body = post(url, records(images["notes.jpg"].read_bytes()))
-        assert status == 400 and "not an image" in body["message"]
-        status, body = post(url, records(images["bomb.png"].read_bytes()))
-        assert status == 400 and "serve.max_pixels" in body["message"]  # the server's limit, below validate's
-        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8))
-        status, body = post(url, records(encode(noise, "PNG")))  # about 2 MB > serve.max_image_mb
-        assert status == 400 and "serve.max_image_mb" in body["message"]
-        status, body = post(url, b"")
-        assert 400 <= status < 500
-        status, body = post(url, json.dumps({"dataframe_records": [{"image": "%%% not base64"}]}).encode())
-        assert status == 400 and "not base64" in body["message"]
-        # ... and it still serves.
-        status, body = post(url, records(images["wide.png"].read_bytes()))
-        assert status == 200 and body["predictions"][0]["class"] in ("hotdog", "not-hotdog")
-    finally:
-        stop_server(server)
+    status, body = post(url, records(images["notes.jpg"].read_bytes()))
+    assert status == 400 and "not an image" in body["message"]
+    status, body = post(url, records(images["bomb.png"].read_bytes()))
+    assert status == 400 and "serve.max_pixels" in body["message"]  # the server's limit, below validate's
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8))
+    status, body = post(url, records(encode(noise, "PNG")))  # about 2 MB > serve.max_image_mb
+    assert status == 400 and "serve.max_image_mb" in body["message"]
+    status, body = post(url, b"")
+    assert 400 <= status < 500
+    status, body = post(url, json.dumps({"dataframe_records": [{"image": "%%% not base64"}]}).encode())
+    assert status == 400 and "not base64" in body["message"]
+    # ... and it still serves.
+    status, body = post(url, records(images["wide.png"].read_bytes()))
+    assert status == 200 and body["predictions"][0]["class"] in ("hotdog", "not-hotdog")
+
+
+# What an answer must never hold: a Python object repr, or a slice of what the client sent.
+OBJECT_REPR = re.compile(r" at 0x[0-9a-fA-F]+")
+SECRET = "PAYLOAD-7f3a9c"
+
+
+def leaks(text: str, *sent: str) -> list[str]:
+    """Object reprs in ``text``, and any 12-character slice of the values ``sent`` found in it."""
+    found = OBJECT_REPR.findall(text)
+    found += [value[i:i + 12] for value in sent for i in range(max(1, len(value) - 11)) if value[i:i + 12] in text]
+    return found
+
+
+def test_a_bad_row_gets_its_error_and_the_good_rows_their_classes(endpoint, tmp_path):
+    images = files(tmp_path)
+    rows = [images["small.jpg"].read_bytes(), f"{SECRET} just text, not an image".encode(),
+            images["wide.png"].read_bytes(), images["empty.png"].read_bytes(), images["bomb.png"].read_bytes()]
+    body = json.dumps({"dataframe_records": [{"image": b64(rows[0])}, {"image": b64(rows[1])},
+                                             {"image": b64(rows[2])}, {"image": f"%%{SECRET}%%"},
+                                             {"image": b64(rows[3])}, {"image": b64(rows[4])}]}).encode()
+    status, answer = post(endpoint, body)
+    assert status == 200, answer
+    good, bad = [answer["predictions"][i] for i in (0, 2)], [answer["predictions"][i] for i in (1, 3, 4, 5)]
+    assert all(row["class"] in ("hotdog", "not-hotdog") and "error" not in row for row in good)
+    assert [row["error"].split(":")[0] for row in bad] == ["row 1", "row 3", "row 4", "row 5"]
+    assert "not an image" in bad[0]["error"] and "not base64" in bad[1]["error"]
+    assert "empty" in bad[2]["error"] and "serve.max_pixels" in bad[3]["error"]
+    assert all(set(row) == {"error"} for row in bad)
+    assert not leaks(json.dumps(answer), b64(rows[1]), f"%%{SECRET}%%")
+
+
+def test_no_answer_echoes_the_request_or_python_objects(endpoint):
+    secret = b64(f"{SECRET} not an image".encode())
+    number = 123456789123456789
+    bodies = {
+        "all rows bad": json.dumps({"dataframe_records": [{"image": secret}, {"image": f"{SECRET}!!"}]}),
+        "one row bad": json.dumps({"dataframe_records": [{"image": secret}]}),
+        "not JSON": '{"dataframe_records": [{"image": "' + secret,
+        "no image column": json.dumps({"dataframe_records": [{"picture": secret}]}),
+        "no rows": json.dumps({"dataframe_records": []}),
+        "a number": json.dumps({"dataframe_records": [{"image": number}]}),
+        "a list": json.dumps([secret]),
+        "a split frame": json.dumps({"dataframe_split": {"columns": ["image"], "data": secret}}),
+    }
+    for case, body in bodies.items():
+        status, answer = post(endpoint, body.encode())
+        assert status == 400, (case, answer)
+        assert set(answer) == {"error_code", "message"}, (case, answer)  # no stack trace
+        assert not leaks(answer["message"], secret, f"{SECRET}!!", str(number)), (case, answer["message"])
+    status, answer = post(endpoint, bodies["all rows bad"].encode())
+    assert "none of the 2 rows could be scored: row 0: not an image" in answer["message"]
+    assert "row 1: column 'image' is not base64" in answer["message"]
+    status, answer = post(endpoint, bodies["not JSON"].encode())
+    assert "valid JSON" in answer["message"] and "dataframe_records" in answer["message"]
+
+
+def test_leaks_finds_a_slice_of_the_request():
+    """The check above sees an echo of a sent value or an object repr (so a pass means something)."""
+    secret = b64(b"some image bytes here, long enough")
+    assert leaks(f"Failed to predict data '    image 0  {secret[5:20]}...'", secret)
+    assert leaks("cannot identify image file <_io.BytesIO object at 0x7f3023e4fab0>", secret)
+    assert not leaks("row 0: not an image Pillow can read (cannot identify image file)", secret)
 
 
 def test_errors_grid_of_the_production_model(production):

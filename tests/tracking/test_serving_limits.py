@@ -21,9 +21,10 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import free_port, jpeg, start_server, stop_server
-from images import png_chunk, rgb_jpeg
+from images import encode, png_chunk, rgb_jpeg
 from models import params, project_with_data, save_variant
 from PIL import Image
 from test_serving import post, records
@@ -149,6 +150,21 @@ def test_image_over_the_pixel_limit_is_refused_without_decoding(server):
     assert refuse_seconds < min(1.0, decode_seconds)
     status, body = post(f"{base}/invocations", records(jpeg((90, 160, 30), (4000, 3000))))  # 12 MP passes
     assert status == 200, body
+
+
+def test_a_bomb_in_a_batch_is_refused_alone_and_undecoded(server):
+    base, _, _ = server
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (430, 430, 3), dtype=np.uint8))
+    large = encode(noise, "PNG")  # 0.53 MB: over serve.max_image_mb (0.5), the body under 1 MB
+    status, answer = post(f"{base}/invocations", records(jpeg((200, 40, 30)), solid_png(6000, 6000), large,
+                                                         rgb_jpeg(8, (320, 240))))
+    assert status == 200, answer
+    first, bomb, too_large, last = answer["predictions"]
+    assert first["class"] in ("hotdog", "not-hotdog") and last["class"] in ("hotdog", "not-hotdog")
+    # Refused on its header: the message gives the declared size, which only the header holds.
+    assert bomb == {"error": "row 1: 6000x6000 pixels is over the limit of 25000000 (serve.max_pixels); "
+                             "send a smaller image."}
+    assert too_large["error"].startswith("row 2: ") and "(serve.max_image_mb)" in too_large["error"]
 
 
 def rss_mb(pid: int) -> float:
