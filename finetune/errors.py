@@ -1,5 +1,16 @@
 """Errors a user can act on. Each message says what went wrong, where, and what to do."""
 
+import re
+
+# Python object reprs that libraries put in their messages (``<_io.BytesIO object at 0x7f...>``):
+# noise to a reader, and an address leaked to whoever reads a server's answer.
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def plain_error(text: object) -> str:
+    """``text`` without Python object reprs."""
+    return OBJECT_REPR.sub("", str(text))
+
 
 class FinetuneError(Exception):
     """Base of every error the CLI reports as a plain message (no traceback), exit code 1."""

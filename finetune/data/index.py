@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from finetune.errors import plain_error
+
 SPLITS = ("train", "test")
 COLUMNS = ("path", "split", "class", "ext", "bytes", "sha256", "decodes", "error",
            "width", "height", "mode", "format", "orientation")
@@ -97,7 +99,7 @@ def inspect_file(path: Path, max_pixels: int) -> dict[str, object]:
             image.load()
             row["orientation"] = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception as err:  # any decoder failure is a finding about the file, not a crash
-        row["error"] = f"{type(err).__name__}: {err}"
+        row["error"] = f"{type(err).__name__}: {plain_error(err)}"
         return row
     row["decodes"] = True
     return row

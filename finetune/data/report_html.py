@@ -10,20 +10,19 @@ GX's own index moves beside it as ``gx-index.html`` (see :func:`finetune.data.ch
 from __future__ import annotations
 
 import html
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.data.checks import GX_INDEX, CheckResult
 from finetune.data.index import SPLITS
+from finetune.errors import plain_error
 from finetune.files import write_atomic
 
 PAGE = "index.html"
 LISTED = 500  # offending entries written per expectation (reports/validate.json keeps 100)
 # Pillow names the in-memory file it was given ("<_io.BytesIO object at 0x7f...>"): an address
 # means nothing to a reader, so it is cut from the messages people see.
-OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:70em;
@@ -37,11 +36,6 @@ text-align:left;vertical-align:top} th{background:#f3f5f7} td.n{text-align:right
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.92em}
 ul.files{margin:.2em 0;padding-left:1.2em} .muted{color:#57606a;font-size:.9em}
 """
-
-
-def plain_error(text: str) -> str:
-    """A decoder's message without Python object reprs (``<_io.BytesIO object at 0x...>``)."""
-    return OBJECT_REPR.sub("", str(text))
 
 
 def write_page(folder: Path, report: dict, checks: Sequence[CheckResult], errors: dict[str, str],

@@ -20,8 +20,8 @@ import pandas as pd
 from finetune.config import ValidateConfig
 from finetune.data.checks import FILE_CHECKS, CheckResult, build_docs, open_context, run_suites, tables
 from finetune.data.index import build_index, list_dataset
-from finetune.data.report_html import plain_error, write_page
-from finetune.errors import FinetuneError
+from finetune.data.report_html import write_page
+from finetune.errors import FinetuneError, plain_error
 from finetune.files import write_atomic
 
 log = logging.getLogger(__name__)

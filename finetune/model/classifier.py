@@ -92,7 +92,7 @@ def decode_image(data: bytes, source: str, max_bytes: int, max_pixels: int,
     if not data:
         raise ImageError(f"{source}: empty; send the bytes of a JPEG or PNG file.")
     if len(data) > max_bytes:
-        raise ImageError(f"{source}: {len(data) / 2**20:.1f} MB is over the limit of {max_bytes / 2**20:.1f} MB "
+        raise ImageError(f"{source}: {len(data) / 2**20:.2f} MB is over the limit of {max_bytes / 2**20:.2f} MB "
                          "(serve.max_image_mb); send a smaller image.")
     try:
         with Image.open(io.BytesIO(data)) as header:  # reads the header only

@@ -41,7 +41,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 from finetune.config import Params, ServeConfig, load_params
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, plain_error
 from finetune.evaluate.figures import errors_figure, save_png
 from finetune.evaluate.metrics import VariantEval
 from finetune.evaluate.scoring import evaluate_classifier
@@ -55,9 +55,9 @@ IMAGE_COLUMN = "image"
 ERROR_KEY = "error"  # a row that could not be scored: {"error": "row <i>: <why>"}
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]))
 REQUEST_SHAPE = f'send {{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 of the image file>"}}, ...]}}'
-# What error messages must not carry: Python object reprs ("<_io.BytesIO object at 0x7f...>"),
-# and any long unbroken run of characters, which can only be a slice of the request (base64).
-OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+# What error messages must not carry: Python object reprs ("<_io.BytesIO object at 0x7f...>",
+# removed by plain_error), and any long unbroken run of characters, which can only be a slice
+# of the request (base64).
 LONG_RUN = re.compile(r"\S{41,}")
 MESSAGE_CHARS = 600
 SHOWN_ROWS = 5  # row errors quoted in the message of a batch where no row could be scored
@@ -249,7 +249,7 @@ def clean_message(message: str) -> str:
     if text.startswith("Failed to enforce schema of data '"):  # "... '<frame>' with schema '...'. Error: <why>"
         text = f"the rows do not match the model's input ({text.rpartition(chr(39) + '. Error: ')[2]})"
     text = text.split("\nInput:", 1)[0].split(" IMPORTANT:", 1)[0]  # MLflow appends the body, then a lecture
-    text = LONG_RUN.sub("[...]", OBJECT_REPR.sub("", text)).strip()
+    text = LONG_RUN.sub("[...]", plain_error(text)).strip()
     text = " ".join(text.split())  # one line
     if len(text) > MESSAGE_CHARS:
         text = text[:MESSAGE_CHARS - 5] + " [...]"

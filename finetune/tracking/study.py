@@ -12,9 +12,9 @@ from pathlib import Path
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from finetune.train.callbacks import EpochStats
 from finetune.tracking.runs import TRACKING_ERRORS
 from finetune.tracking.store import NOTE_TAG, experiment_id, pipeline_experiment_name, use_store
+from finetune.train.callbacks import EpochStats
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "finetune.study"

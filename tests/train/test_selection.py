@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 from torch import nn
-from train.test_training import fit_tiny, project  # noqa: F401 - project is a fixture
+from train.test_training import fit_tiny, make_project
 
 from finetune.config import load_params
 from finetune.demo.workspace import write_params
@@ -122,7 +122,8 @@ def test_selection_settings_are_checked(tmp_path, changes, message):
         load_params(tmp_path / "params.yaml")
 
 
-def test_fit_stops_early_keeps_the_best_epoch_and_a_resume_trains_no_further(project):
+def test_fit_stops_early_keeps_the_best_epoch_and_a_resume_trains_no_further(tmp_path):
+    project = make_project(tmp_path / "p")
     model, run = fit_tiny(project, epochs=4, early_stopping={"patience": 1, "min_delta": 1.0})
     fitted = run()  # no epoch can gain a whole 1.0 of accuracy: stop after epoch 2
     assert [s.epoch for s in fitted.history] == [1, 2] and fitted.stopped_at == 2
