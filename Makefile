@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test bench ui serve doctor scheduler deploy lock clean-demo
+.PHONY: install run demo test bench ui serve doctor scheduler deploy lock clean-demo \
+	status dag metrics plots predict promote rollback errors study
 
 install: $(STAMP)
 
@@ -20,10 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) -m flows.pipeline
 
-# The same pipeline offline, in its own workspace (demo/), on a generated dataset.
+# The same pipeline offline, in its own workspace (demo/), on a generated dataset. The workspace
+# is a git repository of its own: demo-setup commits the code and params it runs, and the run
+# commits what it wrote (dvc.lock, metrics, reports) and tags it demo-run-<n> (docs/demo.md).
 demo: $(STAMP)
 	$(PY) -m finetune demo-setup
-	$(PY) -m flows.pipeline --workspace $$($(PY) -c 'from finetune.config import load_params; print(load_params().demo.workspace)')
+	$(PY) -m flows.pipeline --tag demo-run --workspace $$($(PY) -c 'from finetune.config import load_params; print(load_params().demo.workspace)')
+
+# "When does fine-tuning win?": the study stages (study@<seed>, study-report) with study.enabled
+# set to true for this run (a DVC experiment: `dvc exp show` lists it); the answer is in
+# reports/study.md and metrics/study.json. WORKSPACE=demo for the demo's data.
+study: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc exp run --set-param study.enabled=true study-report
 
 # pytest's exit status 5 (no tests collected) fails like any other non-zero status.
 test: $(STAMP)
@@ -32,7 +41,7 @@ test: $(STAMP)
 	exit $$status
 
 # Speed, measured side by side: the plain recipe loop vs the trainer, dvc repro, Prefect overhead
-# (prints a table, writes reports/bench.json and the table in docs/speed.md). BENCH_ARGS: see --help.
+# (prints a table, writes reports/bench-<device>.json and the table in docs/speed.md). BENCH_ARGS: see --help.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
@@ -41,6 +50,38 @@ bench: $(STAMP)
 WORKSPACE ?= .
 ui: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
+
+# DVC's views of a workspace (WORKSPACE=demo after `make demo`): what is stale and the pipeline's
+# DAG; the metrics; the plots (HTML in dvc_plots/, which loads Vega from a CDN; the evaluate stage
+# also writes PNGs to plots/evaluate/).
+status: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc status
+dag: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc dag
+metrics: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc metrics show
+plots: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc plots show
+
+# Classify image files with the production model: `make predict IMG=photo.jpg` (several: IMG='a.jpg b.jpg';
+# MODEL=models:/hotdog-classifier/3 for another version). Paths are relative to this folder.
+IMG ?=
+MODEL ?=
+predict: $(STAMP)
+	@test -n "$(IMG)" || { echo "make predict: name the images, e.g. make predict IMG=photo.jpg (several: IMG='a.jpg b.jpg')" >&2; exit 2; }
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune predict $(abspath $(IMG)) $(if $(MODEL),--model $(MODEL))
+
+# The registry's production alias: promote moves it to the candidate only if the candidate wins
+# (VERSION=3: that version instead; FORCE=1: even so, recorded); rollback moves it back to the
+# version that held it before; errors draws the test images production gets wrong.
+VERSION ?=
+FORCE ?=
+promote: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune promote $(if $(VERSION),--version $(VERSION)) $(if $(FORCE),--force)
+rollback: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune rollback
+errors: $(STAMP)
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune errors $(if $(MODEL),--model $(MODEL))
 
 # The production model (models:/<register.model_name>@production) over REST on 127.0.0.1:<serve.port>;
 # `make serve WORKSPACE=demo` after `make demo`. POST {"dataframe_records": [{"image": "<base64>"}]}
@@ -65,6 +106,16 @@ deploy: $(STAMP)
 	FINETUNE_PROJECT=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --name scheduled-retrain \
 	  --cron "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.cron)')" \
 	  --timezone "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.timezone)')"
+
+# The shared stack on this machine (docs/team.md): PostgreSQL, an S3 object store, `mlflow server`,
+# `prefect server` and a Prefect worker on the pool finetune-process, on 127.0.0.1 with their state
+# in .stack/; prints the URLs and the variables to export. stack-down stops them (PURGE=1: and
+# deletes .stack/).
+.PHONY: stack stack-down
+stack: $(STAMP)
+	$(PY) -m stack up
+stack-down:
+	$(PY) -m stack down $(if $(PURGE),--purge)
 
 # Re-pin constraints.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)

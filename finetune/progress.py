@@ -43,8 +43,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
     def reset(self, done: float = 0, total: float | None = None) -> None:
         """Start counting again from ``done`` (and a new total, if given)."""
@@ -71,11 +71,13 @@ class Progress:
             return done
         return f"{self._fraction():.0%} ({done} of {human(self.total, self.unit)})"
 
-    def close(self) -> None:
-        """Finish the bar, or log the final count."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the bar, or log the final count (``failed``: where the work stopped, never "done")."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif failed:
+            log.info("%s: failed after %s", self.desc, human(self.done, self.unit))
         else:
             log.info("%s: done, %s", self.desc, human(self.done, self.unit))
 

@@ -8,47 +8,77 @@ local ephemeral server; with it, against that server.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from finetune.config import load_params
+from finetune.data.download import check_resolves
+from finetune.data.fetch import needs_download
+from finetune.errors import FinetuneError
 from flows.lock import workspace_lock
 from flows.notify import notify
 from flows.plan import stage_order, stale_stages
-from tasks.dvc import StageRun, fetch_stage, run_stage, up_to_date
+from tasks.dvc import StageFailed, StageRun, fetch_stage, run_stage, up_to_date
 from tasks.registry import promotion_gate
-from tasks.report import publish_report
+from tasks.report import close_pipeline_run, publish_report
+
+# When the pipeline started, for the stages' MLflow parent run (finetune/tracking/store.py
+# START_ENV: the same name; importing MLflow here to read it would cost seconds at every start).
+PIPELINE_START_ENV = "FINETUNE_PIPELINE_START"
+TRAIN_STAGE = "train@"  # the stages that make (or continue) the pipeline's parent run
 
 
 def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dict | None]:
-    """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the report, notifications.
-    Call it inside a flow, holding the workspace lock."""
+    """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the report, notifications,
+    then the end of the pipeline's MLflow parent run (once a training ran: only then is there
+    one). Call it inside a flow, holding the workspace lock."""
     logger = get_run_logger()
     runs: list[StageRun] = []
-    # One `dvc status` instead of a `dvc repro` process per unchanged stage (about 1 s each).
-    # Once a stage has run, every later one goes through `dvc repro`, which skips it if its
-    # inputs came out the same.
-    stale = stale_stages(root)
-    for stage in stage_order(root):
-        if stage == "fetch" and refresh:
-            runs.append(fetch_stage(stage, root, force=True))
-        elif stage not in stale and all(run.skipped for run in runs):
-            runs.append(up_to_date(stage))
-        else:
-            runs.append((fetch_stage if stage == "fetch" else run_stage)(stage, root))
+    attempted: list[str] = []
+    os.environ[PIPELINE_START_ENV] = str(int(time.time() * 1000))  # every stage's environment copies it
+    try:
+        run_stages(root, refresh, runs, attempted)
+    except Exception:
+        if any(stage.startswith(TRAIN_STAGE) for stage in attempted):
+            close_pipeline_run(root, None, failed=True)
+        raise
+    finally:
+        os.environ.pop(PIPELINE_START_ENV, None)
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)
     decision = promotion_gate(root) if any(run.stage == "register" for run in runs) else None
     params = load_params(root / "params.yaml")
     publish_report(params, root, decision, runs)
+    if any(run.stage.startswith(TRAIN_STAGE) and not run.skipped for run in runs):
+        close_pipeline_run(root, decision)
     if decision and decision["action"] in ("promoted", "refused"):
         event = "promotion" if decision["action"] == "promoted" else "refusal"
         notify(params.notify, event, {"workspace": str(root), "message": decision["reason"], "decision": decision})
     return runs, decision
+
+
+def run_stages(root: Path, refresh: bool, runs: list[StageRun], attempted: list[str]) -> None:
+    """Each stage in DAG order into ``runs``; ``attempted`` names every stage started (the one
+    that failed included)."""
+    # One `dvc status` instead of a `dvc repro` process per unchanged stage (about 1 s each).
+    # Once a stage has run, every later one goes through `dvc repro`, which skips it if its
+    # inputs came out the same.
+    stale = stale_stages(root)
+    for stage in stage_order(root):
+        attempted.append(stage)
+        if stage == "fetch" and refresh:
+            runs.append(fetch_stage(stage, root, force=True))
+        elif stage not in stale and all(run.skipped for run in runs):
+            runs.append(up_to_date(stage))
+        else:
+            runs.append((fetch_stage if stage == "fetch" else run_stage)(stage, root))
 
 
 def notify_failure(flow, flow_run, state) -> None:
@@ -75,16 +105,78 @@ def pipeline(workspace: str = ".") -> list[StageRun]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: run the flow; exit 1 (no traceback) when a stage failed."""
+    """Command line: run the flow. A failure ends with one message that says what failed and
+    what to do, exit 1; Prefect's own failure reports and tracebacks only with --verbose."""
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
     parser.add_argument("--workspace", default=".", help="DVC project to run (default: here)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Prefect's failure reports and tracebacks on the console")
+    parser.add_argument("--tag", metavar="PREFIX",
+                        help="after a successful run, commit what it changed in the workspace's git "
+                             "and tag that commit PREFIX-<n> (make demo)")
     args = parser.parse_args(argv)
+    quiet = None if args.verbose else quiet_console()
+    try:
+        preflight(Path(args.workspace))
+    except FinetuneError as err:
+        print(f"pipeline failed before its first stage: {err}", file=sys.stderr)
+        return 1
     try:
         pipeline(args.workspace)
-    except Exception as err:  # the flow's state and logs hold the details
-        print(f"pipeline failed: {err}", file=sys.stderr)
+    except Exception as err:  # the flow's state and logs (and the Prefect UI) hold the details
+        print(failure_message(err, args.verbose), file=sys.stderr)
+        if quiet:
+            quiet.closing = True  # the message above is the last word (not "Stopping temporary server")
         return 1
+    if args.tag:
+        from finetune.demo.workspace import record_run
+
+        print(record_run(Path(args.workspace), args.tag))
     return 0
+
+
+def preflight(workspace: Path) -> None:
+    """What fails before Prefect starts (seconds sooner): params.yaml, and data.url's host name
+    when the fetch stage will have to download (a fresh clone on a machine without network)."""
+    data = load_params(workspace / "params.yaml").data
+    if needs_download(data, workspace):
+        check_resolves(data.url)
+
+
+def failure_message(err: Exception, verbose: bool) -> str:
+    """The one final message of a failed run: the failed stage and its own error (which says
+    what to do), or the error itself."""
+    if isinstance(err, FinetuneError):  # its message says what to do
+        return f"pipeline failed: {err}"
+    if isinstance(err, StageFailed) and err.errors:
+        return f"pipeline failed: stage {err.stage!r} failed: " + "\n".join(err.errors)
+    if isinstance(err, StageFailed):
+        return f"pipeline failed: {err}"
+    return f"pipeline failed: {type(err).__name__}: {err}" + ("" if verbose else " (--verbose shows where)")
+
+
+class QuietFailures(logging.Filter):
+    """Console only: Prefect's reports of a failed task or flow (with tracebacks) and the failed
+    stage's error line, which the final message says once; once ``closing``, everything. The
+    Prefect API keeps them all."""
+
+    closing = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.closing or record.exc_info or getattr(record, "stage_error", False):
+            return False
+        return "Finished in state Failed" not in record.getMessage()
+
+
+def quiet_console() -> QuietFailures:
+    """Put a QuietFailures filter on Prefect's console handler (set up when prefect was imported)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    quiet = QuietFailures()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(quiet)
+    return quiet
 
 
 if __name__ == "__main__":

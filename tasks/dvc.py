@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +17,40 @@ from finetune.train.guard import WATCH_ENV, watch_entry
 
 # What `dvc repro` prints for a stage whose deps, params and outs are unchanged.
 _SKIPPED = "didn't change, skipping"
+# How a stage's command prints an error the user can act on (finetune/command.py).
+_ERROR = "error: "
+# DVC's reminder after every stage that wrote dvc.lock or a .gitignore ("To track the changes
+# with git, run: git add dvc.lock ..." and "To enable auto staging, run: dvc config
+# core.autostage true"): seven times per run. The flow leaves git to the user (it never stages:
+# a scheduled retrain must not slip files into a commit someone is preparing), and README.md
+# says once how to record a run; so the reminder is left out of the task log.
+_GIT_NOTICE = ("To track the changes with git, run:", "To enable auto staging, run:")
+_GIT_NOTICE_BODY = ("git add ", "dvc config core.autostage")
 
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; its output is in the task log (and in ``lines``)."""
 
-    def __init__(self, message: str, lines: list[str] | None = None) -> None:
+    def __init__(self, message: str, lines: list[str] | None = None, stage: str = "") -> None:
         super().__init__(message)
         self.lines = lines or []
+        self.stage = stage
+
+    @property
+    def errors(self) -> list[str]:
+        """The stage's own error message, without its ``error: `` prefix (one line, or several)."""
+        found, inside = [], False
+        for line in self.lines:
+            inside = continues_error(line, inside)
+            if inside:
+                found.append(line.removeprefix(_ERROR))
+        return found
+
+
+def continues_error(line: str, inside: bool) -> bool:
+    """Whether ``line`` is part of a stage's own error message: it starts with ``error: ``
+    (finetune/command.py), or continues one (a multi-line message) until DVC's ``ERROR:`` line."""
+    return line.startswith(_ERROR) or (inside and not line.startswith("ERROR: "))
 
 
 @dataclass(frozen=True)
@@ -59,7 +86,7 @@ def run_stage(stage: str, workspace: Path, force: bool = False) -> StageRun:
     skipped = any(_SKIPPED in line for line in lines)
     if returncode != 0:
         raise StageFailed(f"stage {stage!r} failed in {workspace} (dvc repro exited "
-                          f"{returncode}); DVC's output is in the lines above", lines)
+                          f"{returncode}); DVC's output is in the lines above", lines, stage)
     return StageRun(stage, time.monotonic() - started, skipped)
 
 
@@ -70,31 +97,60 @@ def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]
     # training also stops when this flow process ends (killed worker, Ctrl-C), not only its dvc.
     watch = " ".join(filter(None, [os.environ.get(WATCH_ENV, ""), watch_entry(os.getpid())]))
     env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id(), WATCH_ENV: watch}
-    lines = []
+    lines: list[str] = []
+    in_error = False
     with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line.rstrip())
-            logger.info(lines[-1])
+        for line in without_git_notices(raw.rstrip() for raw in process.stdout):
+            lines.append(line)
+            in_error = continues_error(line, in_error)
+            # Marked, so that the flow's console can leave it to the final message (flows/pipeline.py).
+            logger.info(line, extra={"stage_error": in_error})
     return process.returncode, lines
+
+
+def without_git_notices(lines: Iterable[str]) -> Iterator[str]:
+    """``lines`` less DVC's git reminders (see _GIT_NOTICE) and the blank lines around them."""
+    blanks = 0  # blank lines held back: they belong to a reminder if one follows
+    in_notice = False
+    for line in lines:
+        text = line.strip()
+        if not text:
+            blanks += 1
+            continue
+        if text in _GIT_NOTICE or (in_notice and text.startswith(_GIT_NOTICE_BODY)):
+            blanks, in_notice = 0, True
+            continue
+        if not in_notice:
+            yield from [""] * blanks
+        blanks, in_notice = 0, False
+        yield line
+    if not in_notice:
+        yield from [""] * blanks
 
 
 # The fetch stage's messages for a network that failed on every attempt (finetune/data/download.py).
 _TRANSIENT = ("Could not download", "The server or the connection is failing")
+# ... and for a host it could not reach at all (no DNS, no route, refused): no wait helps.
+_UNREACHABLE = "Not retried"
 
 
 def network_failure(task, task_run, state) -> bool:
-    """Retry the stage only when the network failed, not for a bad checksum or archive."""
+    """Retry the stage only when the network failed on the way (timeouts, resets, 5xx), not
+    for a host that cannot be reached at all, a bad checksum or archive."""
     try:
         state.result()
     except StageFailed as err:
+        if any(_UNREACHABLE in line for line in err.lines):
+            return False
         return any(marker in line for line in err.lines for marker in _TRANSIENT)
     except Exception:
         return False
     return False
 
 
-# The download itself retries connection errors and 5xx (data.retries); the task retries the
-# whole stage on top, with a longer backoff, for outages longer than a few seconds.
+# The download itself retries timeouts, dropped connections and 5xx (data.retries); the task
+# retries the whole stage on top, with a longer backoff, for outages longer than a few seconds.
+# An offline machine (no DNS, no route) fails at once at both levels.
 fetch_stage = run_stage.with_options(retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=network_failure)

@@ -3,11 +3,19 @@
 HTTP downloads stream into ``<dest>.part``; a retry after a dropped connection asks for the rest
 with a Range request, and starts over when the server answers with the whole file instead.
 The finished file is renamed to ``dest`` only when complete, so ``dest`` is never half-written.
+
+A host that cannot be reached at all on the first attempt (its name does not resolve, there is
+no route to it, or nothing listens on the port) fails at once: no backoff makes a machine
+without network get one, and an offline run should say so in a second, not after minutes.
+The same errors after the server has answered once in this download are retried like any
+dropped connection (a server restarting, a DNS hiccup).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +58,51 @@ _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.Ch
               _Retryable)
 
 
+# No route to the network or the host: an offline machine, a VPN that is down.
+_NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+
+
+def unreachable(err: BaseException, host: str) -> str | None:
+    """Why ``host`` cannot be reached, in words, when ``err`` (a requests error) says it cannot
+    be reached at all: a name that does not resolve, no route, a refused connection. None for
+    everything else (timeouts, resets, HTTP errors), which may pass."""
+    for cause in _causes(err):
+        if isinstance(cause, socket.gaierror):
+            return f"the host name {host} does not resolve (DNS: {cause.strerror or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return f"{host} refused the connection (nothing listens on that port)"
+        if isinstance(cause, OSError) and cause.errno in _NO_ROUTE:
+            return f"there is no route to {host} ({cause.strerror})"
+    return None
+
+
+def check_resolves(url: str) -> None:
+    """Raise the not-retried FetchError when ``url``'s host name does not resolve on this
+    machine (no network, no DNS) and no proxy would resolve it instead; else nothing.
+    A second's check that a pipeline makes before it starts its stages."""
+    parsed = urlparse(url)
+    if not is_remote(url) or not parsed.hostname or requests.utils.get_environ_proxies(url):
+        return
+    try:
+        socket.getaddrinfo(parsed.hostname, parsed.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise _unreachable_error(url, f"the host name {parsed.hostname} does not resolve (DNS: "
+                                      f"{err.strerror or err})") from None
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and every exception it wraps (urllib3 keeps the socket error as ``reason``)."""
+    found: list[BaseException] = []
+    todo: list[object] = [err]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or any(item is seen for seen in found):
+            continue
+        found.append(item)
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return found
+
+
 def is_remote(url: str) -> bool:
     """True for http:// and https:// URLs."""
     return urlparse(url).scheme in ("http", "https")
@@ -90,7 +143,8 @@ def download(url: str, dest: Path, policy: RetryPolicy, session: requests.Sessio
     """Download ``url`` to ``dest``; return True if any part of it was resumed from a .part file.
 
     Retries connection errors, timeouts, dropped connections and 5xx with exponential backoff;
-    raises FetchError for 4xx at once and for the rest once the retries are spent.
+    raises FetchError for 4xx and for a host it cannot reach at all (see :func:`unreachable`)
+    at once, and for the rest once the retries are spent.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -104,11 +158,14 @@ def download(url: str, dest: Path, policy: RetryPolicy, session: requests.Sessio
                 os.replace(part, dest)
                 return resumed
             except _TRANSIENT as err:
+                why = None if statuses else unreachable(err, urlparse(url).hostname or url)
+                if why is not None:
+                    raise _unreachable_error(url, why) from None
                 if attempt == policy.retries:
                     raise _gave_up(url, attempt + 1, err, connected=bool(statuses)) from None
                 wait = policy.delay(attempt)
                 log.warning("download of %s failed (%s); retry %d/%d in %.1f s",
-                            url, _reason(err), attempt + 1, policy.retries, wait)
+                            url, _reason(err, url), attempt + 1, policy.retries, wait)
                 time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -160,9 +217,26 @@ def _check_status(url: str, response: requests.Response) -> None:
         )
 
 
-def _reason(err: Exception) -> str:
-    text = str(err)
+def _reason(err: Exception, url: str = "") -> str:
+    """``err`` in a few words: plain ones for an unreachable host, else its text, cut short."""
+    plain = unreachable(err, urlparse(url).hostname or url)
+    text = plain or str(err)
     return text if len(text) < 200 else text[:200] + "..."
+
+
+# Both "no connection" messages end with this: the way round a missing network.
+AIR_GAPPED = ("To run air-gapped, copy the archive here from a machine that can download it and set "
+              "data.url in params.yaml to its path (e.g. file:///mirrors/hotdog.zip); keep "
+              "data.checksum as it is, so the copy is verified. To try the pipeline without "
+              "network, `make demo` runs it offline on a generated dataset.")
+
+
+def _unreachable_error(url: str, why: str) -> FetchError:
+    """The error for a host that could not be reached at all (not retried)."""
+    return FetchError(
+        f"Could not download {url}: {why}. Not retried: this machine may have no network access, "
+        f"or needs a proxy (HTTPS_PROXY), or data.url names the wrong host or port. {AIR_GAPPED}"
+    )
 
 
 def _gave_up(url: str, attempts: int, err: Exception, connected: bool) -> FetchError:
@@ -170,14 +244,12 @@ def _gave_up(url: str, attempts: int, err: Exception, connected: bool) -> FetchE
     host = urlparse(url).netloc
     if connected:
         return FetchError(
-            f"Download of {url} failed after {attempts} attempts; the last one: {err}. The server "
+            f"Download of {url} failed after {attempts} attempts; the last one: {_reason(err, url)}. The server "
             "or the connection is failing; try again later, raise data.retries, or download the "
             "archive another way and set data.url to its local path."
         )
     return FetchError(
         f"Could not download {url}: no connection to {host} after {attempts} attempts "
-        f"({_reason(err)}). This machine may have no network access, or a proxy is needed. "
-        "To run air-gapped, copy the archive here from a machine that can download it and set "
-        "data.url in params.yaml to its path (e.g. file:///mirrors/hotdog.zip); keep "
-        "data.checksum as it is, so the copy is verified."
+        f"({_reason(err, url)}). This machine may have no network access, or a proxy is needed. "
+        f"{AIR_GAPPED}"
     )

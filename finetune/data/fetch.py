@@ -62,6 +62,13 @@ def fetch(cfg: DataConfig, workdir: Path = Path(".")) -> FetchResult:
     return result
 
 
+def needs_download(cfg: DataConfig, workdir: Path = Path(".")) -> bool:
+    """True when a fetch must download: data.url is remote, and neither the dataset nor a
+    downloaded archive is here yet (a fresh clone)."""
+    archive = workdir / cfg.downloads / archive_name(cfg.url)
+    return is_remote(cfg.url) and not (workdir / cfg.dir).exists() and not archive.is_file()
+
+
 def obtain_archive(cfg: DataConfig, workdir: Path) -> Path:
     """A verified local copy of the archive: downloaded (or reused) for URLs, as is for paths."""
     if not is_remote(cfg.url):

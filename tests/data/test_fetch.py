@@ -10,6 +10,7 @@ import hashlib
 import logging
 import socket
 import stat
+import threading
 import zipfile
 from pathlib import Path
 
@@ -270,13 +271,58 @@ def test_zip_bomb_is_refused_by_the_size_bound(project, capsys, previous, http_s
     assert_failed(project, previous, code, err, "zip bomb", "data.max_unpacked_mb")
 
 
-def test_no_network_explains_the_air_gapped_route(project, capsys, previous):
-    with socket.socket() as probe:  # a port that nothing listens on: connection refused
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: connecting is refused."""
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    code, err = run_fetch(project, capsys, url=f"http://127.0.0.1:{port}/hotdog.zip", checksum=sha(b"x"))
-    assert_failed(project, previous, code, err, "no connection", "after 3 attempts", "air-gapped",
-                  "file:///", "data.checksum")
+        return probe.getsockname()[1]
+
+
+def fetch_logged(project, capsys, caplog, url: str) -> tuple[int, str, list[str]]:
+    """Fetch ``url`` (3 attempts allowed); exit code, stderr and the download's log lines."""
+    with caplog.at_level(logging.INFO):
+        code, err = run_fetch(project, capsys, url=url, checksum=sha(b"x"))
+    lines = [r.getMessage() for r in caplog.records if r.name in ("finetune.data.download", "finetune.progress")]
+    return code, err, lines
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    # .invalid never resolves (RFC 6761): the same error as any name on a machine without DNS
+    ("nonexistent.invalid", "the host name nonexistent.invalid does not resolve"),
+    ("127.0.0.1:{port}", "127.0.0.1 refused the connection"),
+])
+def test_an_unreachable_host_fails_at_once_with_the_air_gapped_route(project, capsys, caplog, previous, host, why):
+    url = f"http://{host.format(port=closed_port())}/hotdog.zip"
+    code, err, lines = fetch_logged(project, capsys, caplog, url)
+    assert_failed(project, previous, code, err, why, "Not retried", "air-gapped", "file:///", "data.checksum")
+    assert err.count("air-gapped") == 1
+    assert not any("retry" in line for line in lines), lines  # one attempt, no backoff
+    assert not any("done" in line for line in lines) and "download hotdog.zip: failed after 0 B" in lines
+
+
+def test_a_host_that_answered_once_is_retried_when_it_goes_away(project, capsys, caplog, previous):
+    """A server that answers 503 and then stops listening (restarting): the refused connections
+    after a first answer are retried like a dropped one, then explained."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def answer_once_then_close() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            listener.close()
+
+        server = threading.Thread(target=answer_once_then_close, daemon=True)
+        server.start()
+        code, err, lines = fetch_logged(project, capsys, caplog, f"http://127.0.0.1:{port}/hotdog.zip")
+        server.join(timeout=5)
+    assert_failed(project, previous, code, err, "failed after 3 attempts", "refused", "data.retries")
+    retries = [line for line in lines if "retry" in line]
+    assert len(retries) == 2 and "HTTP 503" in retries[0] and "refused" in retries[1], retries
+    assert not any("done" in line for line in lines)
 
 
 def test_missing_local_mirror(project, capsys, previous):
