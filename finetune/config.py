@@ -188,7 +188,8 @@ class TrainConfig(Section):
     workers: int | Literal["auto"]
     max_steps: int | None = Field(ge=1)  # per epoch; for smoke tests, null = the whole epoch
     decode_cache: bool  # read images decoded once (cache:) and augment uint8 tensors
-    compile: bool | Literal["auto"]  # torch.compile; auto: on CUDA only
+    augment_on: Literal["auto", "cpu", "device"]  # train crop + flip: loader workers or batched on the device
+    compile: bool | Literal["auto"]  # torch.compile; auto: when the planned work repays it (train/compiling.py)
     cached_features: bool  # frozen epochs train the head on backbone features computed once per view
     feature_views: int = Field(ge=1)  # augmented views per train image for cached features
     nproc_per_node: int = Field(ge=1)  # > 1: DistributedDataParallel over this many processes (torchrun)

@@ -1,34 +1,51 @@
-"""bench/bench.py's report: the table, the targets and the docs/speed.md section it rewrites."""
+"""bench/bench.py's report: the table, the ratios and targets, the docs/speed.md section it
+rewrites, and its training part alone (--no-pipeline) at tiny sizes without the pipeline's stack."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+from finetune.config import load_params
 
 sys.path.insert(0, str(REPO / "bench"))
 import bench  # noqa: E402
 
+STACK = ("pydantic", "mlflow", "dvc", "prefect")
 
-def report(plain_rate: float, trainer_rate: float) -> dict:
+
+def report(plain_rate: float, trainer_rate: float, ceiling_rate: float = 40.0) -> dict:
     def run(name, rate, epoch_s, **extra):
         return {"name": name, "train_img_s": rate, "train_s": epoch_s * 2, "epoch_s": epoch_s, "eval_img_s": 50.0,
                 "test_acc": 0.7, "wall_s": 10.0, **extra}
 
+    trainer = {"precision": "bf16", "decode_cache_s": 0.5, "features_s": 0.0, "first_epoch_s": 4.0}
     return {"machine": "a test", "device": "cpu", "date": "2026-01-01", "epochs": 2, "crop": 224,
             "train_images": 100, "test_images": 100,
             "runs": [run("plain", plain_rate, 8.0),
-                     run("trainer", trainer_rate, 4.0, precision="bf16", decode_cache_s=0.5, features_s=0.0),
-                     run("trainer, freeze", 9999.0, 0.02, precision="bf16", decode_cache_s=0.5, features_s=3.0)],
+                     run("trainer", trainer_rate, 4.0, **trainer),
+                     run("trainer-compile", 36.0, 3.0, **trainer | {"first_epoch_s": 50.0}),
+                     run("trainer-freeze", 9999.0, 0.02, **trainer | {"features_s": 3.0}),
+                     run("ceiling", ceiling_rate, 2.5, eval_img_s=None, test_acc=None, precision="bf16", steps=10)],
             "pipeline": {"dvc_repro_s": 100.0, "noop_dvc_repro_s": 0.9, "flow_s": 20.0, "by_hand_s": 12.0,
                          "prefect_overhead_s": 8.0}}
 
 
-def test_targets_are_computed_from_the_runs():
-    targets = bench.targets(report(10.0, 30.0))
-    assert targets["training speed-up (target >= 2.5x)"] == "3.00x"
+def test_targets_and_ratios_are_computed_from_the_runs():
+    data = report(10.0, 30.0)
+    targets = bench.targets(data)
+    assert targets["training speed-up (target >= 2.5x with native bf16)"] == "3.00x"
+    assert targets["trainer vs bare-step ceiling (target >= 95%)"] == "75%"  # 30 / 40
     assert targets["head-only epoch vs full epoch (target >= 50x)"] == "200x"  # 4 s / 0.02 s
     assert targets["Prefect overhead per run (target < 15 s)"].startswith("8.0 s")
+    assert bench.ratios(data) == {"trainer/ceiling": 0.75, "trainer/plain": 3.0, "trainer-compile/ceiling": 0.9,
+                                  "trainer-compile/plain": 3.6}
+    data["device"] = "cuda"
+    assert bench.targets(data)["trainer vs bare-step ceiling (target >= 80%)"] == "75%"
 
 
 def test_the_speed_page_table_is_replaced_between_its_markers(tmp_path):
@@ -39,5 +56,56 @@ def test_the_speed_page_table_is_replaced_between_its_markers(tmp_path):
     bench.write_table(readme, bench.table(data))
     text = readme.read_text()
     assert text.startswith("# intro\n") and text.endswith(f"{bench.END}\ntail\n") and "old table" not in text
-    assert "| trainer | 30.0 | 4 | 50.0 | 0.7 | 10.0 | 2.5x plain; bf16" in text
+    assert "| trainer | 30.0 | 4 | 50.0 | 0.7 | 10.0 | 2.5x plain, 75% of the ceiling; bf16" in text
+    assert "| ceiling | 40.0 | 2.5 | – | – | 10.0 | bare step on data in memory, 10 steps; bf16 |" in text
+    assert "first epoch (compiling) 50.0 s" in text
     assert "features once 3.0 s, then 20 ms per head epoch" in text
+
+
+def test_plain_settings_read_what_the_typed_settings_read(tmp_path):
+    """--no-pipeline reads params.yaml without pydantic: the same values as finetune.config."""
+    plain = bench.plain_settings(tmp_path, 3, 64, 72, "cpu", cache=tmp_path, batch_size=8)
+    recipe = load_params(REPO / "params.yaml").train["finetune"].model_dump()
+    expected = recipe | {"epochs": 3, "device": "cpu", "strategy": "full", "batch_size": 8}
+    assert vars(plain.train["finetune"]) == expected
+    model = plain.model
+    assert (model.train_crop, model.test_crop, model.test_resize, model.weights) == (64, 64, 72, "none")
+    assert plain.cache.dir == tmp_path and plain.data.dir == load_params(REPO / "params.yaml").data.dir
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One tiny `bench.py --no-pipeline --scale` run in a fresh interpreter: its report and the
+    pipeline libraries it imported."""
+    folder = tmp_path_factory.mktemp("bench")
+    args = ["--no-pipeline", "--train-images", "8", "--test-images", "4", "--epochs", "1", "--crop", "32",
+            "--resize", "36", "--batch-size", "4", "--device", "cpu", "--augment-on", "device",
+            "--runs", "plain,trainer,ceiling", "--ceiling-steps", "1", "--scale", "12", "--scale-steps", "1", "--out", str(folder / "bench-cpu.json"),
+            "--page", str(folder / "speed.md")]
+    code = ("import json, sys; sys.path.insert(0, 'bench'); import bench; bench.main(sys.argv[1:]); "
+            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(STACK)!r}))))")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((folder / "bench-cpu.json").read_text()), json.loads(out.stdout.splitlines()[-1])
+
+
+def test_no_pipeline_imports_none_of_the_pipeline_stack(tiny_bench):
+    _, imported = tiny_bench
+    assert imported == []
+
+
+def test_the_report_names_its_machine_device_date_and_runs(tiny_bench):
+    data, _ = tiny_bench
+    assert data["device"] == "cpu" and "cores" in data["machine"] and data["date"]
+    assert [run["name"] for run in data["runs"]] == ["plain", "trainer", "ceiling"]
+    assert data["train_images"] == 8 and data["test_images"] == 4
+    assert set(data["ratios"]) == {"trainer/ceiling", "trainer/plain"} and all(v > 0 for v in data["ratios"].values())
+    assert "pipeline" not in data
+    assert data["runs"][1]["augment_on"] == "device"  # --augment-on reaches the trainer's settings
+
+
+def test_the_scale_check_reports_cache_rate_memory_and_speed(tiny_bench):
+    data, _ = tiny_bench
+    (point,) = data["scale"]["points"]  # 12 images: below 10,000, one point
+    assert point["images"] == 12 and point["cache_img_s_per_core"] > 0 and point["train_img_s"] > 0
+    assert 0 < point["peak_anon_rss_mb"] <= point["peak_rss_mb"]

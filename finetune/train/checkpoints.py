@@ -8,15 +8,18 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from finetune.config import TrainConfig
 from finetune.files import write_atomic
 from finetune.train.callbacks import EpochStats
 from finetune.train.selection import Selection
 from finetune.train.strategy import unfreeze_for_epoch
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"

@@ -15,15 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from finetune.config import TrainConfig
 from finetune.train.callbacks import EpochStats
 from finetune.train.distributed import Dist
 from finetune.train.runtime import Runtime, autocast, to_device
 from finetune.train.strategy import group_lrs
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from finetune.config import Params, TrainConfig
 from finetune.data.decoded import (
     DecodedDataset,
     Sizes,
@@ -21,9 +21,13 @@ from finetune.data.decoded import (
 )
 from finetune.data.images import FileListDataset, eval_transform, load_splits, train_transform
 from finetune.data.lineage import data_version
+from finetune.train.augment import CropDataset, augment_where
 from finetune.train.distributed import SINGLE, Dist
-from finetune.train.runtime import worker_count
+from finetune.train.runtime import pick_device, worker_count
 from finetune.train.subsets import split_validation
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import Params, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Loaders:
     val_files: list[tuple[str, str]]  # (path, class) of each validation image
     val_set: Dataset  # all validation images in their order (under torchrun the loader reads a share)
     train_images: int
+    crop: int = 0  # model.train_crop (what a compiled graph depends on)
+    cache_dir: Path | None = None  # <project>/<cache.dir>: the decode cache and the persistent inductor cache
 
 
 def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool, project: Path = Path("."),
@@ -57,8 +63,11 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     train_idx, val_idx = split_validation(train_files.labels, cfg.val_fraction, cfg.seed, classes, key)
     if subset is not None:
         train_idx = subset(train_files.labels, train_idx)
+    crops = None  # augment_on device: workers slice boxes, to_device crops them (finetune/train/augment.py)
     if cfg.decode_cache:
         train_ds, val_ds, test_ds = decoded_splits(params, train_files, test_ds, project, dist, test)
+        if augment_where(cfg.augment_on, cfg.decode_cache, pick_device(cfg.device).type) == "device":
+            train_ds = crops = CropDataset(train_ds, m.train_crop)
     else:
         train_ds = train_files
         val_ds = FileListDataset(root, train_files.paths, train_files.labels,
@@ -67,17 +76,20 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     options = {"batch_size": max(1, cfg.batch_size // dist.world), "num_workers": workers, "pin_memory": pin,
                "persistent_workers": workers > 0}
     train_ds = Subset(train_ds, train_idx)
+    train_options = options | ({"collate_fn": crops.collate} if crops is not None else {})
     if dist.active:
         train = DataLoader(train_ds, sampler=DistributedSampler(train_ds, dist.world, dist.rank, shuffle=True,
-                                                                seed=cfg.seed), **options)
+                                                                seed=cfg.seed), **train_options)
     else:
-        train = DataLoader(train_ds, shuffle=True, **options)
-    watch = {"num_workers": 0} if workers else {}  # a short pass: starting workers would cost more
+        train = DataLoader(train_ds, shuffle=True, **train_options)
+    # A short pass: starting workers would cost more (and persistent workers need workers).
+    watch = {"num_workers": 0, "persistent_workers": False} if workers else {}
     val = DataLoader(Subset(val_ds, val_idx[dist.rank::dist.world]), **(options | watch)) if val_idx else None
     test_loader = DataLoader(Subset(test_ds, range(dist.rank, len(test_ds), dist.world)),
                              **(options | watch)) if test else None
     val_files = [(train_files.paths[i], classes[train_files.labels[i]]) for i in val_idx]
-    return Loaders(train, val, test_loader, classes, val_files, Subset(val_ds, val_idx), len(train_idx))
+    return Loaders(train, val, test_loader, classes, val_files, Subset(val_ds, val_idx), len(train_idx),
+                   m.train_crop, project / params.cache.dir)
 
 
 def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE, with_test: bool = False):

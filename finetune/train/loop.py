@@ -16,15 +16,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.config import TrainConfig
 from finetune.progress import Progress
 from finetune.train.callbacks import Callback, EpochStats
 from finetune.train.checkpoints import resume, rng_state, save_checkpoint
+from finetune.train.compiling import (
+    compile_decision,
+    compile_key,
+    is_warm,
+    mark_after_first_step,
+    planned_images,
+    use_persistent_cache,
+)
 from finetune.train.distributed import SINGLE, Dist, interleave
 from finetune.train.features import extract_features, head_epoch, split_scores
 from finetune.train.loaders import Loaders
@@ -41,6 +49,9 @@ from finetune.train.strategy import (
     train_mode,
     unfreeze_for_epoch,
 )
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +140,7 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
         else:
             features = None  # the frozen phase is over: free the cached features
             if network is None:
-                network = training_network(model, runtime, cfg, dist)
+                network = training_network(model, runtime, cfg, dist, data, epoch)
             stats = run_epoch(network, model, data.train, watched, optimizer, runtime, cfg, epoch, dist)
         history.append(_report(stats, cfg))
         selection.update(stats, model)
@@ -160,15 +171,29 @@ def _finish(model: nn.Module, history: list[EpochStats], selection: Selection,
     return Fitted(history, history[chosen - 1], selection.stopped_at)
 
 
-def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist: Dist) -> nn.Module:
+def training_network(model: nn.Module, runtime: Runtime, cfg: TrainConfig, dist: Dist, data: Loaders | None = None,
+                     epoch: int = 1) -> nn.Module:
     """What the live epochs run: ``model``, wrapped in DistributedDataParallel under torchrun and
-    compiled when ``cfg.compile`` says so (auto: on CUDA, where it pays for its compile time)."""
+    compiled when ``cfg.compile`` says so (auto: on CUDA, when the images planned from ``epoch``
+    on repay the compile; see finetune/train/compiling.py). Compiled graphs go to the persistent
+    inductor cache under ``cache.dir`` (``data.cache_dir``), marked there once compiled."""
     network = model
     if dist.active:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         network = DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile is True or (cfg.compile == "auto" and runtime.device.type == "cuda"):
+    cache_dir = data.cache_dir if data is not None else None
+    key = compile_key(model, data.crop if data is not None else 0, max(1, cfg.batch_size // dist.world),
+                      runtime.dtype, runtime.channels_last)
+    planned = 0 if data is None else planned_images(data.train_images, cfg.epochs - epoch + 1, cfg.batch_size,
+                                                    cfg.max_steps, dist.world)
+    compiled, reason = compile_decision(cfg.compile, planned, runtime.device.type, is_warm(cache_dir, key))
+    log.info("%s: %s", "compiling" if compiled else "not compiling", reason)
+    if compiled:
+        if cache_dir is not None:
+            use_persistent_cache(cache_dir)
         network = torch.compile(network)
+        if cache_dir is not None:
+            mark_after_first_step(network, cache_dir, key)
     return network
 
 

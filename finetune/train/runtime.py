@@ -8,12 +8,16 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from finetune.config import TrainConfig
 from finetune.data.decoded import normalize
+from finetune.train.augment import CropBatch, augment_batch
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,13 @@ def worker_count(workers: int | str) -> int:
     return int(workers)
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime):
-    """A batch on the runtime's device, in its memory layout, uint8 images normalised there."""
-    images = images.to(runtime.device, non_blocking=True)
+def to_device(images: torch.Tensor | CropBatch, labels: torch.Tensor, runtime: Runtime):
+    """A batch on the runtime's device, in its memory layout, uint8 images normalised there (a
+    :class:`CropBatch` cropped, resized and flipped there first: augment_on device)."""
+    if isinstance(images, CropBatch):
+        images = augment_batch(images, runtime.device)  # float, normalised
+    else:
+        images = images.to(runtime.device, non_blocking=True)
     if runtime.channels_last:  # before normalising: copying uint8 moves a quarter of the bytes
         images = images.contiguous(memory_format=torch.channels_last)
     if images.dtype == torch.uint8:  # from the decode cache; the result keeps channels_last

@@ -9,12 +9,15 @@ The state goes into every checkpoint, so a resumed training selects and stops th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from finetune.config import TrainConfig
 from finetune.train.callbacks import EpochStats
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 
 @dataclass

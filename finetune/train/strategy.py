@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from finetune.config import TrainConfig
 from finetune.model.archs import BLOCKS
 from finetune.model.factory import block_modules
+
+if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
+    from finetune.config import TrainConfig
 
 # --- freezing -------------------------------------------------------------------------------------
 
