@@ -80,11 +80,22 @@ def test_cache_is_built_once_and_its_key_follows_the_data(tmp_path):
 
 def test_a_failed_build_leaves_no_cache(tmp_path):
     train, test = dataset(tmp_path, "train"), dataset(tmp_path, "test")
-    (test.root / test.paths[0]).write_bytes(b"not an image")
+    (train.root / train.paths[0]).write_bytes(b"not an image")
     sizes = Sizes(32, 36, 32, "squash")
     with pytest.raises(Exception):
         ensure_cache(tmp_path / "cache" / "k", train, test, sizes, 0)
     assert not (tmp_path / "cache" / "k").exists() and not list((tmp_path / "cache").iterdir())
+
+
+def test_training_decodes_no_test_image_and_a_failed_test_part_keeps_the_train_part(tmp_path):
+    train, test = dataset(tmp_path, "train"), dataset(tmp_path, "test")
+    (test.root / test.paths[0]).write_bytes(b"not an image")  # only evaluation would notice
+    sizes = Sizes(32, 36, 32, "squash")
+    folder = ensure_cache(tmp_path / "cache" / "k", train, test, sizes, 0, with_test=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.idx.npy", "train.u8"]
+    with pytest.raises(Exception):
+        ensure_cache(folder, train, test, sizes, 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.idx.npy", "train.u8"]
 
 
 def test_dataset_pickles_without_its_arrays(tmp_path):
