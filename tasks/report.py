@@ -1,16 +1,17 @@
 """The pipeline run's report as a Prefect artifact: the evaluate stage's comparison (the same
 Markdown source as reports/evaluate.md), the registered version, the promotion decision and the
-stages run. Its key makes the artifact's versions the run history."""
+stages run. Its key makes the artifact's versions the run history. At the end, the pipeline's
+MLflow parent run is closed with the same outcome in its description."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from finetune.config import Params
+from finetune.config import Params, load_params
 from finetune.evaluate.report import comparison_lines
 
 ARTIFACT_KEY = "finetune-pipeline-report"
@@ -22,17 +23,25 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
     metrics_file = workspace / params.evaluate.metrics
     if metrics_file.exists():
         lines += comparison_lines(json.loads(metrics_file.read_text()))
-    record = workspace / params.register_.record
-    if record.exists():
-        r = json.loads(record.read_text())
-        lines += ["", f"**Registered**: `{r['model_name']}` version {r['version']} ({r['variant']}, "
-                      f"{r['metric']} {r['value']:.4f}), MLflow run `{r['run_id']}`, alias `candidate`."]
-    if decision:
-        lines += ["", f"**Promotion**: {decision['action']} — production "
-                      f"v{decision['production_before']} → v{decision['production_after']}: {decision['reason']}"]
+    for line in outcome_lines(params, workspace, decision):
+        lines += ["", line]
     lines += ["", "| stage | DVC | seconds |", "|---|---|---|"]
     lines += [f"| {s.stage} | {'skipped' if s.skipped else 'ran'} | {s.seconds:.1f} |" for s in stages]
     return "\n".join(lines) + "\n"
+
+
+def outcome_lines(params: Params, workspace: Path, decision: dict | None) -> list[str]:
+    """What the run registered (reports/register.json) and what the gate decided, one line each."""
+    lines = []
+    record = workspace / params.register_.record
+    if record.exists():
+        r = json.loads(record.read_text())
+        lines.append(f"**Registered**: `{r['model_name']}` version {r['version']} ({r['variant']}, "
+                     f"{r['metric']} {r['value']:.4f}), MLflow run `{r['run_id']}`, alias `candidate`.")
+    if decision:
+        lines.append(f"**Promotion**: {decision['action']} — production v{decision['production_before']} → "
+                     f"v{decision['production_after']}: {decision['reason']}")
+    return lines
 
 
 @task(name="pipeline-report")
@@ -41,3 +50,24 @@ def publish_report(params: Params, workspace: Path, decision: dict | None, stage
     return str(create_markdown_artifact(markdown=pipeline_markdown(params, workspace, decision, stages),
                                         key=ARTIFACT_KEY,
                                         description=f"fine-tuned vs scratch and the promotion decision ({workspace})"))
+
+
+@task(name="close-mlflow-run")
+def close_pipeline_run(workspace: Path, decision: dict | None, failed: bool = False) -> str | None:
+    """End the pipeline's MLflow parent run now, FINISHED (FAILED when a stage failed), with the
+    registration and the gate's decision added to its description: its span is the flow's. A
+    tracking store that does not answer costs a warning, not the run. The parent's id, or None."""
+    from prefect.runtime import flow_run
+
+    # Imported here: MLflow takes seconds to import, and only the flow's end needs it.
+    from finetune.tracking.store import close_pipeline_run as close
+
+    logger = get_run_logger()
+    key = str(flow_run.id or "")  # the stages' FINETUNE_PIPELINE_RUN (tasks/dvc.py)
+    try:
+        params = load_params(workspace / "params.yaml")
+        outcome = "\n\n".join(outcome_lines(params, workspace, decision))  # the UI renders it as Markdown
+        return close(workspace, params.data.dir, key, outcome, "FAILED" if failed else "FINISHED") if key else None
+    except Exception as err:  # the outputs are written: the record of the run's span is not worth failing for
+        logger.warning("could not close the pipeline's MLflow run: %s", (str(err).splitlines() or [repr(err)])[0][:300])
+        return None

@@ -3,7 +3,8 @@ work), promote it to ``production`` through a gate, roll back. Aliases only (reg
 deprecated in MLflow 3).
 
 Every decision is recorded twice: as tags on the versions involved and as one JSON line in the
-promotion log, an artifact of the run ``registry-<model name>``. The production history (a stack
+promotion log, an artifact of the run ``registry-<model name>`` (in the experiment
+``finetune-registry``, apart from the training runs). The production history (a stack
 of versions, newest last) is a tag of the registered model, so rollback needs nothing else.
 """
 
@@ -23,11 +24,17 @@ from mlflow.tracking import MlflowClient
 from finetune.config import Params
 from finetune.data.lineage import data_version, git_commit
 from finetune.errors import FinetuneError
-from finetune.evaluate.metrics import better, winner
+from finetune.evaluate.metrics import better, choose_by_validation, winner
 from finetune.files import fingerprint_of, write_atomic
-from finetune.model.classifier import load_classifier
+from finetune.model.classifier import load_classifier, read_final
 from finetune.tracking.serving import evaluate_registered, log_classifier
-from finetune.tracking.store import pipeline_experiment, use_store
+from finetune.tracking.store import (
+    NOTE_TAG,
+    pipeline_experiment,
+    pipeline_experiment_name,
+    registry_experiment,
+    use_store,
+)
 
 log = logging.getLogger(__name__)
 CANDIDATE, PRODUCTION = "candidate", "production"
@@ -81,7 +88,7 @@ def register_candidate(params: Params, models: Path, project: Path = Path("."), 
     if not metrics_file.exists():
         raise RegistryError(f"{metrics_file} (evaluate.metrics) does not exist: run `dvc repro evaluate` first.")
     document = json.loads(metrics_file.read_text())
-    variant = winner(document, cfg.metric, params.evaluate.challenger)
+    variant, metric, value = choose_variant(params, document, project / models)
     checkpoint = project / models / variant / "model.pt"
     classifier = load_classifier(checkpoint)
     run_id, fingerprint = classifier.info.get("mlflow_run_id"), classifier.info.get("fingerprint")
@@ -94,10 +101,27 @@ def register_candidate(params: Params, models: Path, project: Path = Path("."), 
         version = _new_version(client, params, project, checkpoint, run_id, tags)
     client.set_registered_model_alias(cfg.model_name, CANDIDATE, version.version)
     run_id = version.tags.get("run_id") or run_id  # the run the model was logged to
-    result = Registration(cfg.model_name, str(version.version), variant, run_id, cfg.metric,
-                          document[variant][cfg.metric], reused)
+    result = Registration(cfg.model_name, str(version.version), variant, run_id, metric, value, reused)
     write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
     return result
+
+
+def choose_variant(params: Params, document: dict, models: Path) -> tuple[str, str, float]:
+    """(variant, metric, value): the compared variant with the best validation accuracy of its
+    kept epoch (validation watches, test judges: the test metrics are reported, not used to
+    choose). Only when a variant trained without a validation split does ``register.metric`` on
+    the test split decide, with a warning."""
+    names = [params.evaluate.challenger, params.evaluate.baseline]
+    infos = {name: read_final(models / name / "model.pt") for name in names}
+    scores = {name: {"val_acc": info.get("val_acc"), "val_loss": info.get("val_loss")} for name, info in infos.items()}
+    if all(s["val_acc"] is not None for s in scores.values()):
+        variant = choose_by_validation(scores, params.evaluate.challenger)
+        return variant, "val_acc", float(scores[variant]["val_acc"])
+    metric = params.register_.metric
+    log.warning("%s trained without a validation split (val_fraction: 0): choosing the variant by test %s",
+                ", ".join(n for n, s in scores.items() if s["val_acc"] is None), metric)
+    variant = winner({n: document[n] for n in names}, metric, params.evaluate.challenger)
+    return variant, f"test {metric}", float(document[variant][metric])
 
 
 def _version_with(client: MlflowClient, name: str, fingerprint: str | None):
@@ -335,7 +359,8 @@ def record(client: MlflowClient, params: Params, project: Path, decision: Decisi
 
 
 def append_log(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:
-    """Append the decision to ``promotions.jsonl`` of the run ``registry-<model name>``."""
+    """Append the decision to ``promotions.jsonl`` of the run ``registry-<model name>`` (experiment
+    ``finetune-registry``)."""
     run_id = _log_run(client, params, project, decision.model_name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / LOG_FILE
@@ -362,10 +387,34 @@ def promotion_log(params: Params, project: Path = Path(".")) -> list[dict]:
 
 
 def _log_run(client: MlflowClient, params: Params, project: Path, name: str) -> str:
-    experiment = pipeline_experiment(params.data.dir, project)
-    found = client.search_runs([experiment], filter_string=f"tags.`{LOG_TAG}` = '{name}'", max_results=1)
+    """The run ``registry-<name>`` in the experiment finetune-registry, made on first use (with
+    the log that an older store kept among the training runs moved into it)."""
+    experiment = registry_experiment(project)
+    found = _tagged_run(client, [experiment], name)
     if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment, run_name=f"registry-{name}", tags={LOG_TAG: name})
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        return found
+    run_id = client.create_run(experiment, run_name=f"registry-{name}", tags={NOTE_TAG: (
+        f"Promotion log of the registered model {name}: promotions.jsonl, one line per promote, refusal "
+        "and rollback (the versions carry the same decision as promotion.* tags).")}).info.run_id
+    client.set_terminated(run_id)
+    old = client.get_experiment_by_name(pipeline_experiment_name(params.data.dir))
+    previous = _tagged_run(client, [old.experiment_id], name) if old is not None else None
+    if previous:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = _read_log(client, previous, tmp)
+            if text:
+                (Path(tmp) / LOG_FILE).write_text(text)
+                client.log_artifact(run_id, str(Path(tmp) / LOG_FILE))
+    # Tagged once it holds the whole log: a crash before leaves an untagged run, and the next
+    # decision moves the log again.
+    client.set_tag(run_id, LOG_TAG, name)
+    if previous:
+        client.delete_run(previous)
+        log.info("moved the promotion log of %s from run %s to run %s (experiment finetune-registry)",
+                 name, previous, run_id)
+    return run_id
+
+
+def _tagged_run(client: MlflowClient, experiments: list[str], name: str) -> str | None:
+    found = client.search_runs(experiments, filter_string=f"tags.`{LOG_TAG}` = '{name}'", max_results=1)
+    return found[0].info.run_id if found else None

@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import requests
 import torch
+import torchvision
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -24,12 +25,15 @@ from finetune.config import Params, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.files import write_atomic
 from finetune.tracking.store import (
+    NOTE_TAG,
+    SELECTION_TAG,
     experiment_id,
     flatten,
     log_json,
     parent_run,
     pipeline_experiment,
     pipeline_key,
+    touch_parent,
     use_store,
 )
 from finetune.train.callbacks import Callback, EpochStats
@@ -43,6 +47,7 @@ RUN_FILE = "run.json"
 TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
 MARKER = "train_loss"  # the metric whose logged steps say which epochs the run has
 RETRY_S = 30.0  # while the server is away, ask again after this long (and at the end of training)
+SINGLE_GROUP = "all"  # the parameter group of a variant with one lr (finetune/train/strategy.py)
 
 
 class TrackingUnavailable(FinetuneError):
@@ -135,13 +140,22 @@ def log_missing_epochs(run_id: str, history: Sequence[EpochStats]) -> int:
 
 
 def epoch_metrics(stats: EpochStats) -> dict[str, float]:
-    """What MLflow records of an epoch: losses, accuracies, speed and each group's lr."""
-    values = {"train_loss": stats.train_loss, "train_acc": stats.train_acc, "test_acc": stats.test_acc,
+    """What MLflow records of an epoch: losses, accuracies (validation when there is a split; test
+    only when asked for), speed and each group's lr."""
+    values = {"train_loss": stats.train_loss, "train_acc": stats.train_acc,
               "images_per_s": stats.images_per_s, "epoch_seconds": stats.seconds}
-    values |= {f"lr_{group}": lr for group, lr in stats.lrs.items()}
+    values |= {name: value for name, value in (("val_loss", stats.val_loss), ("val_acc", stats.val_acc),
+                                               ("test_acc", stats.test_acc)) if value is not None}
+    values |= lr_metrics(stats.lrs)
     if stats.features_seconds:
         values["features_seconds"] = stats.features_seconds
     return values
+
+
+def lr_metrics(lrs: dict[str, float]) -> dict[str, float]:
+    """Each parameter group's lr by its name (``lr_body``, ``lr_head``, ``lr_layer4``), or ``lr``
+    for the one group of a variant that trains everything at one rate (the group ``all``)."""
+    return {"lr" if group == SINGLE_GROUP else f"lr_{group}": lr for group, lr in lrs.items()}
 
 
 def training_run(params: Params, variant: str, out: Path, fingerprint: str, project: Path,
@@ -152,33 +166,41 @@ def training_run(params: Params, variant: str, out: Path, fingerprint: str, proj
     experiment = pipeline_experiment(params.data.dir, project)
     if previous:
         log.info("continuing MLflow run %s", previous)
-        return ended(mlflow.start_run(run_id=previous, log_system_metrics=True))
-    key = pipeline_key(version, commit, params.model.model_dump(mode="json"),
-                       {name: t.model_dump() for name, t in params.train.items()})
-    parent = parent_run(experiment, key, {"data_version": version, "git_commit": commit})
-    run = mlflow.start_run(experiment_id=experiment, run_name=variant, parent_run_id=parent,
-                           log_system_metrics=True, tags={"variant": variant})
-    # Written before the first epoch: a crash even then continues this run, not a new one.
-    write_run_file(out, fingerprint, run.info.run_id, complete=False)
-    return ended(run)
+        run = mlflow.start_run(run_id=previous, log_system_metrics=True)
+        parent = run.data.tags.get("mlflow.parentRunId")
+    else:
+        key = pipeline_key(version, commit, params.model.model_dump(mode="json"),
+                           {name: t.model_dump() for name, t in params.train.items()})
+        parent = parent_run(experiment, key, {"data_version": version, "git_commit": commit})
+        run = mlflow.start_run(experiment_id=experiment, run_name=variant, parent_run_id=parent,
+                               log_system_metrics=True, tags={"variant": variant})
+        # Written before the first epoch: a crash even then continues this run, not a new one.
+        write_run_file(out, fingerprint, run.info.run_id, complete=False)
+    if parent:
+        touch_parent(parent, "RUNNING")
+    return ended(run, parent)
 
 
 @contextmanager
-def ended(run) -> Iterator:
-    """``run`` as a context: ended FINISHED, or FAILED on an error; a tracking server that is away
-    then leaves it RUNNING (the rerun continues it) rather than hiding the error."""
+def ended(run, parent: str | None = None) -> Iterator:
+    """``run`` as a context: ended FINISHED, or FAILED on an error, and its ``parent`` (the
+    pipeline run) with it, so that the parent's end time covers it; a tracking server that is
+    away then leaves them RUNNING (the rerun continues) rather than hiding the error."""
     try:
         yield run
     except BaseException:
-        end_quietly(run.info.run_id, "FAILED")
+        end_quietly(run.info.run_id, "FAILED", parent)
         raise
-    end_quietly(run.info.run_id, "FINISHED")
+    end_quietly(run.info.run_id, "FINISHED", parent)
 
 
-def end_quietly(run_id: str, status: str) -> None:
-    """End the active run; if the server does not answer, warn and stop its system metrics."""
+def end_quietly(run_id: str, status: str, parent: str | None = None) -> None:
+    """End the active run (and ``parent`` with the same status, now); if the server does not
+    answer, warn and stop its system metrics."""
     try:
         mlflow.end_run(status)
+        if parent:
+            touch_parent(parent, status)
     except TRACKING_ERRORS as err:
         log.warning("could not mark MLflow run %s %s (%s)", run_id, status, str(err).splitlines()[0][:200])
         monitor = run_id_to_system_metrics_monitor.pop(run_id, None)
@@ -203,14 +225,17 @@ def read_run_file(out: Path, fingerprint: str) -> str | None:
     return record["mlflow_run_id"]
 
 
-def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Params, n_train, n_test) -> None:
+def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Params, n_train, n_val) -> None:
     """Params (every hyperparameter and group lr), data and code versions, the validation summary."""
     values = flatten("train", settings["train"]) | flatten("model", settings["model"])
     values |= {"variant": settings["variant"], "weights": settings["weights"], "data_version": version,
                "git_commit": commit, "classes": len(settings["classes"]),
-               "train_images": n_train, "test_images": n_test, "lr.body": cfg.lr}
-    if cfg.head_lr_mult is not None:
-        values["lr.head"] = cfg.lr * cfg.head_lr_mult
+               "train_images": n_train, "val_images": n_val}
+    # Named as the groups train: one lr (`lr`), or the body's and the new head's.
+    if cfg.head_lr_mult is None:
+        values["lr"] = cfg.lr
+    else:
+        values |= {"lr.body": cfg.lr, "lr.head": cfg.lr * cfg.head_lr_mult}
     if cfg.strategy == "gradual":
         values["lr.unfrozen"] = cfg.lr * cfg.unfreeze_lr_mult
     mlflow.log_params(values)
@@ -224,10 +249,16 @@ def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Para
     mlflow.log_artifact(str(project / "params.yaml"))
 
 
-def log_results(model, test_ds, probs, truth, classes, params: Params, metrics_file: Path,
-                callback: MlflowCallback) -> None:
-    """The final test accuracy, the prediction grid PNG, the metrics file, and the model with
-    signature and example; each once, so a rerun after a failure logs only what is missing.
+def log_validation_files(path: Path) -> None:
+    """The held-out validation files (path, class) a training watches, as an artifact."""
+    mlflow.log_artifact(str(path), "validation")
+
+
+def log_results(model, val_ds, probs, truth, classes, params: Params, metrics_file: Path,
+                callback: MlflowCallback, selected: dict) -> None:
+    """The kept epoch's scores (``selected``: val_acc, val_loss, selected_epoch, ...), the
+    validation prediction grid PNG (when there is a split), the metrics file, the run's
+    description, and the model with its signature; each once, so a rerun after a failure logs only what is missing.
 
     Raises :class:`TrackingUnavailable` when the tracking server is still away (the run misses
     epochs), :class:`ArtifactStoreError` when the artifact store refuses a file."""
@@ -237,10 +268,14 @@ def log_results(model, test_ds, probs, truth, classes, params: Params, metrics_f
             raise MlflowException("no answer by the end of training")
         if not callback.curves_logged:
             mlflow.log_figure(curves(callback.history), "curves.png")
-        logged = MlflowClient().get_run(run_id).data.metrics
-        if "final_test_acc" not in logged:
-            mlflow.log_metric("final_test_acc", (probs.argmax(1) == truth).float().mean().item())
-        mlflow.log_figure(prediction_grid(test_ds, probs, truth, classes), "predictions.png")
+        run = MlflowClient().get_run(run_id)
+        logged = run.data.metrics
+        describe_run(run.data.tags.get("variant", ""), selected, params)
+        kept = {f"selected.{k}": float(v) for k, v in selected.items() if v is not None and k != "stopped_early_at"}
+        if kept and not kept.keys() <= logged.keys():
+            mlflow.log_metrics(kept)
+        if probs is not None:
+            mlflow.log_figure(prediction_grid(val_ds, probs, truth, classes), "predictions.png")
         mlflow.log_artifact(str(metrics_file))
         if not model_logged(run_id):
             log_model(model, classes, params)
@@ -259,6 +294,27 @@ def log_results(model, test_ds, probs, truth, classes, params: Params, metrics_f
             "then rerun `dvc repro`: it continues the same run and logs the rest.") from None
 
 
+def selection_words(selected: dict, cfg: TrainConfig | None) -> str:
+    """Which epoch's weights were kept and why, in words: "kept epoch 4 of 5 (best: validation
+    accuracy 0.930)"; "kept epoch 5 of 5 (the last; no validation split)"."""
+    epoch, trained = selected.get("selected_epoch"), selected.get("epochs_trained")
+    words = f"kept epoch {epoch} of {trained}"
+    stopped = f", early stopping after epoch {selected['stopped_early_at']}" if selected.get("stopped_early_at") else ""
+    if selected.get("val_acc") is None:
+        return f"{words} (the last; no validation split){stopped}"
+    how = "the last" if cfg is not None and cfg.select == "last" else "best"
+    by = f"validation loss {selected['val_loss']:.4f}" if cfg is not None and cfg.monitor == "val_loss" \
+        else f"validation accuracy {selected['val_acc']:.3f}"
+    return f"{words} ({how}: {by}){stopped}"
+
+
+def describe_run(variant: str, selected: dict, params: Params) -> None:
+    """The run's description (what the MLflow UI shows first): the variant and the kept epoch;
+    the evaluate stage puts the test accuracy in front (finetune/tracking/evaluation.py)."""
+    words = selection_words(selected, params.train.get(variant))
+    mlflow.set_tags({SELECTION_TAG: words, NOTE_TAG: f"{variant}: {words}; test accuracy after the evaluate stage"})
+
+
 def model_logged(run_id: str) -> bool:
     """Whether the run already has its model (a failed upload leaves it not READY)."""
     experiment = MlflowClient().get_run(run_id).info.experiment_id
@@ -268,16 +324,42 @@ def model_logged(run_id: str) -> bool:
 
 
 def log_model(model, classes, params: Params) -> None:
-    """The model with signature and an example input, as MLflow's pytorch flavour."""
+    """The model as MLflow's pytorch flavour: CPU float32 weights in a pickled module (not a
+    torch.export program, MLflow 3's default, which cannot move to another device and keeps the
+    example's batch size), so ``mlflow.pytorch.load_model(uri, map_location=...)`` and pyfunc
+    load it on CPU or CUDA whichever device trained it. The signature gives the input's shape;
+    no input example (an all-zero image says nothing, and checking it reloads the model: seconds).
+    ``model`` itself is moved to the CPU (it is the training's last use of it)."""
     model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     crop = params.model.test_crop
-    example = np.zeros((1, 3, crop, crop), dtype=np.float32)
-    with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = mlflow.models.infer_signature(example, output)
-    mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                             metadata={"classes": classes, "arch": params.model.arch})
+    # Shapes only (a batch of any size: the leading -1): no forward pass needed to know them.
+    signature = mlflow.models.infer_signature(np.zeros((2, 3, crop, crop), dtype=np.float32),
+                                              np.zeros((2, len(classes)), dtype=np.float32))
+    # torch and cloudpickle (MLflow's pins), and torchvision: the pickle names its network classes.
+    requirements = [*mlflow.pytorch.get_default_pip_requirements(),
+                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
+    with quiet_pickle_warning():
+        mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
+                                 pip_requirements=requirements,
+                                 metadata={"classes": classes, "arch": params.model.arch})
+
+
+class _PickleWarning(logging.Filter):
+    """Drops MLflow's warning that a pickled model runs code when loaded: the model is the
+    project's own, written and read by the project (the warning repeats at every training)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+@contextmanager
+def quiet_pickle_warning() -> Iterator[None]:
+    logger, noise = logging.getLogger("mlflow.pytorch"), _PickleWarning()
+    logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
 
 
 def set_tags(tags: dict[str, str]) -> None:
@@ -288,7 +370,9 @@ def set_tags(tags: dict[str, str]) -> None:
 def pretrain_run(project: Path, dataset: str, cfg: TrainConfig, classes: int):
     """A run in the experiment ``pretrain-<dataset>`` with the source model's settings as params."""
     use_store(project)
-    experiment = experiment_id(f"pretrain-{dataset}", project)
+    experiment = experiment_id(f"pretrain-{dataset}", project, (
+        f"The source model (step 1 of the recipe): the network trained from scratch on the {dataset} data "
+        "by the pretrain stage; model.weights: models/source/model.pt fine-tunes from it."))
     run = mlflow.start_run(experiment_id=experiment, run_name="pretrain", log_system_metrics=True)
     mlflow.log_params(flatten("pretrain", cfg.model_dump()) | {"classes": classes})
     return run
