@@ -27,7 +27,9 @@ STAGES = {
     "pretrain": "train the source model on pretrain.data (a note when it is null)",
     "train": "train one variant of train: (e.g. finetune, scratch)",
     "evaluate": "score every variant on the test split; compare challenger and baseline",
-    "register": "register the winning variant as a new version, alias candidate",
+    "register": "register the variant that validates best as a new version, alias candidate",
+    "study": "one seed of the study: both compared variants on every study fraction (study.enabled)",
+    "study-report": "the study's learning curve, tables and verdict over every seed",
 }
 
 
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     umbrella = build_parser()
     args, rest = umbrella.parse_known_args(argv)
     if args.command in STAGES:
-        stage = importlib.import_module(f"finetune.stages.{args.command}")
+        stage = importlib.import_module(f"finetune.stages.{args.command.replace('-', '_')}")
         return stage.main(["--params", str(args.params), *rest])
     if rest:
         umbrella.error(f"unrecognized arguments: {' '.join(rest)}")
