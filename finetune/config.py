@@ -108,6 +108,7 @@ class ValidateConfig(Section):
     index: Path
     files: Path
     report: Path
+    metrics: Path  # the headline numbers (dvc metrics show); the report holds the detail
     docs: Path
     gx_dir: Path
     on_failure: Literal["stop", "quarantine"]

@@ -88,10 +88,16 @@ def compare(challenger: VariantEval, baseline: VariantEval) -> dict:
 
 
 def metrics_document(results: list[VariantEval], comparison: dict) -> dict:
-    """The dvc metrics JSON: per variant its metrics and per-class metrics; the comparison."""
-    document = {r.name: r.metrics | {"per_class": r.per_class} for r in results}
-    document["comparison"] = comparison
+    """The dvc metrics JSON: per variant its headline metrics; the comparison and the number of
+    test images (per-class detail: :func:`per_class_document`)."""
+    document = {r.name: dict(r.metrics) for r in results}
+    document["comparison"] = comparison | {"test_images": len(results[0].truth)}
     return document
+
+
+def per_class_document(results: list[VariantEval]) -> dict:
+    """Per variant, each class's precision, recall, F1 and support (the report reads it)."""
+    return {r.name: r.per_class for r in results}
 
 
 def winner(document: dict, metric: str, preferred: str) -> str:

@@ -17,9 +17,8 @@ def variants(document: dict) -> list[str]:
 
 
 def test_images(document: dict) -> int:
-    """How many test images the challenger was scored on."""
-    per_class = document[document["comparison"]["challenger"]]["per_class"]
-    return sum(int(values["support"]) for values in per_class.values())
+    """How many test images the variants were scored on."""
+    return int(document["comparison"]["test_images"])
 
 
 def verdict_line(document: dict) -> str:
@@ -53,7 +52,7 @@ def evaluation_markdown(document: dict, results: list[VariantEval], dataset: Pat
     classes = results[0].classes
     lines = [f"# {comparison['challenger']} vs {comparison['baseline']} on {dataset} "
              f"({test_images(document)} test images, {len(classes)} classes)", "",
-             *comparison_lines(document), "", "## Per class", "", *per_class_table(document, classes), "",
+             *comparison_lines(document), "", "## Per class", "", *per_class_table({r.name: r.per_class for r in results}, classes), "",
              "## Confusion matrices (rows: true, columns: predicted)"]
     for r in results:
         lines += ["", f"**{r.name}**", "", *confusion_table(r.classes, r.confusion)]
@@ -85,13 +84,14 @@ def mcnemar_sentence(comparison: dict, n: int) -> str:
             f"{verdict}.")
 
 
-def per_class_table(document: dict, classes: list[str]) -> list[str]:
-    """Precision / recall / F1 of each variant, one row per class."""
-    names = variants(document)
+def per_class_table(per_class: dict, classes: list[str]) -> list[str]:
+    """Precision / recall / F1 of each variant (``per_class``: variant -> class -> values), one
+    row per class."""
+    names = list(per_class)
     rows = ["| class | support | " + " | ".join(f"{name} precision / recall / F1" for name in names) + " |",
             "|---" * (len(names) + 2) + "|"]
     for cls in classes:
-        cells = [document[name]["per_class"][cls] for name in names]
+        cells = [per_class[name][cls] for name in names]
         text = [f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f}" for c in cells]
         rows.append(f"| {cls} | {cells[0]['support']} | " + " | ".join(text) + " |")
     return rows

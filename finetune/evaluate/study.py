@@ -104,6 +104,17 @@ def verdict(document: dict) -> str:
             f"{first['seeds']} seed{'s' if first['seeds'] != 1 else ''}).")
 
 
+def headline(document: dict) -> dict:
+    """What `dvc metrics show` prints of the study: per fraction the train images, each
+    variant's mean test accuracy, the mean difference and both p-values; the crossover."""
+    ch, bl = document["challenger"], document["baseline"]
+    rows = {fraction: {"train_images": row["train_images"], ch: row[ch]["mean"], bl: row[bl]["mean"],
+                       "difference": row["difference"]["mean"], "paired_t_p": row["paired_t_p"],
+                       "mcnemar_p": row["mcnemar"]["p_value"]}
+            for fraction, row in document["fractions"].items()}
+    return {"fractions": rows, "crossover_images": document["crossover_images"]}
+
+
 def curve_rows(document: dict) -> list[dict]:
     """The learning curve as rows (dvc plots data): train images, each variant's mean and interval."""
     ch, bl = document["challenger"], document["baseline"]

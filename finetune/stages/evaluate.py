@@ -25,7 +25,7 @@ from pathlib import Path
 from finetune.command import stage_main
 from finetune.config import Params
 from finetune.evaluate.figures import write_plots
-from finetune.evaluate.metrics import VariantEval, metrics_document
+from finetune.evaluate.metrics import VariantEval, metrics_document, per_class_document
 from finetune.evaluate.report import evaluation_markdown, verdict_line
 from finetune.evaluate.scoring import evaluate_variants
 from finetune.files import write_atomic
@@ -49,6 +49,7 @@ def run_evaluate(params: Params, paths: EvalPaths, project: Path = Path(".")) ->
     document = metrics_document(results, comparison)
     report = evaluation_markdown(document, results, params.data.dir, figures, (project / cfg.report).parent)
     _write_text(project / cfg.metrics, json.dumps(document, indent=2) + "\n")
+    _write_text(project / cfg.plots / "per_class.json", json.dumps(per_class_document(results), indent=2) + "\n")
     _write_text(project / cfg.report, report)
     log_evaluation(results, comparison, project, [project / cfg.metrics, project / cfg.report, *figures.values()])
     return results, comparison

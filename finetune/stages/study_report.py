@@ -1,7 +1,8 @@
 """The ``study-report`` stage: every seed's study runs summarised — per fraction each variant's
 mean test accuracy with its 95% interval, the paired difference, a paired t-test across seeds and
 the pooled McNemar test; the learning curve (dvc plots data and PNG), ``study.metrics`` (dvc
-metrics), ``study.report`` (Markdown, the verdict first), all on the study's parent MLflow run.
+metrics: the headline numbers; every statistic in ``<study.plots>/summary.json``),
+``study.report`` (Markdown, the verdict first), all on the study's parent MLflow run.
 With ``study.enabled: false`` it writes a note in each place.
 
 `python -m finetune.stages.study_report`
@@ -25,7 +26,7 @@ from finetune.command import stage_main
 from finetune.config import Params
 from finetune.errors import FinetuneError
 from finetune.evaluate.figures import learning_curve, save_png
-from finetune.evaluate.study import curve_rows, study_markdown, summarize
+from finetune.evaluate.study import curve_rows, headline, study_markdown, summarize
 from finetune.files import write_atomic
 from finetune.tracking.study import log_study_summary
 
@@ -56,12 +57,14 @@ def report(params: Params, project: Path = Path(".")) -> dict:
     else:
         records, parent = read_seeds(params, project)
         document = {"enabled": True} | summarize(records, params.evaluate.challenger, params.evaluate.baseline)
+        write_atomic(plots / "summary.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
         frame = pd.DataFrame(curve_rows(document))
         write_atomic(plots / "curve.csv", lambda tmp: frame.to_csv(tmp, index=False))
         png = save_png(learning_curve(document), plots / "curve.png")
         write_atomic(project / cfg.report, lambda tmp: tmp.write_text(study_markdown(document)))
         log_study_summary(parent, document, [png, project / cfg.report])
-    write_atomic(project / cfg.metrics, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    metrics = {"enabled": True} | headline(document) if cfg.enabled else document
+    write_atomic(project / cfg.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     return document
 
 

@@ -175,10 +175,8 @@ def write_outputs(paths: Paths, project: Path, fitted: Fitted, n_train: int, n_v
     """The metrics JSON (dvc metrics: the kept epoch's validation numbers) and per-epoch plot data
     (dvc plots)."""
     history, last = fitted.history, fitted.history[-1]
-    metrics = selected_scores(fitted) | {
-        "train_acc": last.train_acc, "train_loss": last.train_loss,
-        "epoch_seconds": round(sum(s.seconds for s in history) / len(history), 2),
-        "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
+    metrics = {k: v for k, v in selected_scores(fitted).items() if v is not None} | {
+        "train_acc": last.train_acc, "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
         "train_images": n_train, "val_images": n_val}
     write_atomic(project / paths.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     frame = pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "lrs"} for s in history])

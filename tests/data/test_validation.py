@@ -44,6 +44,10 @@ def run_validate(capsys) -> tuple[int, str, dict]:
     code = main(["validate"])
     out = capsys.readouterr()
     report = json.loads(Path("reports/validate.json").read_text())
+    headline = json.loads(Path("metrics/validate.json").read_text())
+    assert headline == {"passed": report["passed"], "files": report["files"], "used": report["used"],
+                        "quarantined": report["quarantined"], "failed_checks": len(report["failed"]),
+                        "warnings": len(report["warnings"])}
     return code, out.out + out.err, report
 
 

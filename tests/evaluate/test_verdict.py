@@ -8,9 +8,8 @@ from finetune.evaluate.report import comparison_lines, verdict_line
 
 
 def document(finetune: float, scratch: float, p: float, n: int = 400) -> dict:
-    per_class = {"hotdog": {"support": n // 2}, "not-hotdog": {"support": n - n // 2}}
-    return {"finetune": {"accuracy": finetune, "per_class": per_class}, "scratch": {"accuracy": scratch},
-            "comparison": {"challenger": "finetune", "baseline": "scratch",
+    return {"finetune": {"accuracy": finetune}, "scratch": {"accuracy": scratch},
+            "comparison": {"challenger": "finetune", "baseline": "scratch", "test_images": n,
                            "delta": {"accuracy": finetune - scratch},
                            "mcnemar": {"p_value": p, "discordant": 10, "challenger_only": 8, "baseline_only": 2}}}
 

@@ -33,7 +33,7 @@ def prefect_env(tmp_path_factory) -> dict[str, str]:
 def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     quick = {"model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
              **{f"{stage}.{key}": value for stage in ("pretrain.train", "train.finetune", "train.scratch")
-                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0))}}
+                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0), ("val_fraction", 0.5))}}
     small = {"demo.train_per_class": 6, "demo.test_per_class": 3, "demo.source_classes": 3,
              "demo.source_train_per_class": 4, "demo.source_test_per_class": 2, "demo.overrides": quick}
     project = sync_workspace(REPO, tmp_path / "project", small, share_cache=False)

@@ -33,7 +33,10 @@ def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path,
     document = report(params, project)
     assert set(document["fractions"]) == {"0.5", "1"} and document["fractions"]["1"]["seeds"] == 2
     metrics = json.loads((project / "metrics/study.json").read_text())
-    assert metrics["verdict"] == document["verdict"] and metrics["enabled"] is True
+    assert metrics["enabled"] is True and set(metrics["fractions"]["1"]) == {
+        "train_images", "finetune", "scratch", "difference", "paired_t_p", "mcnemar_p"}
+    summary = json.loads((project / "plots/study/summary.json").read_text())
+    assert summary["verdict"] == document["verdict"]
     curve = pd.read_csv(project / "plots/study/curve.csv")
     assert list(curve["train_images"]) == [2, 4] and {"finetune", "scratch"} <= set(curve.columns)
     assert (project / "plots/study/curve.png").stat().st_size > 0
