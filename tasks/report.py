@@ -25,6 +25,9 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
         lines += comparison_lines(json.loads(metrics_file.read_text()))
     for line in outcome_lines(params, workspace, decision):
         lines += ["", line]
+    summary = workspace / params.study.plots / "summary.json"
+    if params.study.enabled and summary.exists():
+        lines += ["", f"**Study** ({params.study.report}): {json.loads(summary.read_text())['verdict']}"]
     lines += ["", "| stage | DVC | seconds |", "|---|---|---|"]
     lines += [f"| {s.stage} | {'skipped' if s.skipped else 'ran'} | {s.seconds:.1f} |" for s in stages]
     return "\n".join(lines) + "\n"

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import binomtest
-from sklearn import metrics as skm
 
 from finetune.errors import FinetuneError
 
@@ -46,6 +44,8 @@ def score(probs: np.ndarray, truth: np.ndarray, classes: list[str]) -> tuple[dic
     (rows: true class, columns: predicted, in ``classes`` order)."""
     labels = list(range(len(classes)))
     predicted = probs.argmax(1)
+    from sklearn import metrics as skm  # here: the flow imports this module for its report (4 s saved)
+
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         truth, predicted, labels=labels, zero_division=0)
     headline = {"accuracy": float(skm.accuracy_score(truth, predicted)),
@@ -66,6 +66,8 @@ def mcnemar(challenger_right: np.ndarray, baseline_right: np.ndarray) -> dict:
     Under "equally good" each discordant image is a fair coin: the two-sided p-value is
     ``P(X <= min)`` doubled for X ~ Binomial(discordant, 1/2), capped at 1.
     """
+    from scipy.stats import binomtest  # here, as sklearn above
+
     b = int(np.sum(challenger_right & ~baseline_right))
     c = int(np.sum(~challenger_right & baseline_right))
     p_value = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 
 from finetune.config import NotifyConfig, load_params
+from finetune.demo.workspace import write_params
 from flows.lock import WorkspaceBusy, workspace_lock
 from flows.notify import notify
 from tasks.dvc import StageRun
@@ -110,19 +111,22 @@ def test_a_waiting_run_goes_on_once_the_holder_is_gone(busy):
 
 
 def test_report_markdown_from_the_stage_files(tmp_path):
-    params = load_params(REPO / "params.yaml")
+    write_params(REPO / "params.yaml", tmp_path / "params.yaml", {"study.enabled": True})
+    params = load_params(tmp_path / "params.yaml")
     metrics = tmp_path / params.evaluate.metrics
     metrics.parent.mkdir(parents=True)
+    (tmp_path / params.study.plots).mkdir(parents=True)
+    (tmp_path / params.study.plots / "summary.json").write_text(json.dumps({"verdict": "fine-tuning wins."}))
     values = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "log_loss": 0.3}
-    per_class = {"per_class": {c: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 50} for c in ("a", "b")}}
-    metrics.write_text(json.dumps({"finetune": values | per_class,
-                                   "scratch": {k: v - 0.1 for k, v in values.items()} | per_class,
-                                   "comparison": {"challenger": "finetune", "baseline": "scratch",
+    metrics.write_text(json.dumps({"finetune": values, "scratch": {k: v - 0.1 for k, v in values.items()},
+                                   "comparison": {"challenger": "finetune", "baseline": "scratch", "test_images": 100,
                                                   "delta": {k: 0.1 for k in values},
                                                   "mcnemar": {"challenger_only": 9, "baseline_only": 1,
                                                               "discordant": 10, "p_value": 0.0215}}}))
     decision = {"action": "refused", "production_before": "3", "production_after": "3", "reason": "gain -0.01"}
     text = pipeline_markdown(params, tmp_path, decision, [StageRun("fetch", 0.5, True), StageRun("train@finetune", 61.0, False)])
+    assert text.splitlines()[2].startswith("**Verdict**: finetune beats scratch on test accuracy: 0.900 vs 0.800")
+    assert "**Study** (reports/study.md): fine-tuning wins." in text
     assert "| accuracy | 0.9000 | 0.8000 | +0.1000 |" in text
     assert "of 100 test images the models disagree on 10" in text  # the evaluate report's own sentence
     assert "p = 0.0215" in text and "**Promotion**: refused — production v3 → v3: gain -0.01" in text
