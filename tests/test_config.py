@@ -105,7 +105,7 @@ RECIPE = {
 FINETUNE = {"init": "pretrained", "lr": 0.0064, "head_lr_mult": 10}
 REPO_SETTINGS = {"train.finetune": RECIPE | FINETUNE, "train.scratch": RECIPE, "pretrain.train": RECIPE}
 # The demo workspace's settings as the demo.overrides of that time made them.
-DEMO_BATCH = {"epochs": 10, "batch_size": 32, "weight_decay": 3.125e-5}
+DEMO_BATCH = {"epochs": 10, "batch_size": 32, "weight_decay": 3.125e-5, "momentum": 0.9}
 DEMO_SETTINGS = {
     "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.0016},
     "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.016},
@@ -158,6 +158,7 @@ def test_the_demo_overrides_give_the_demo_its_former_settings(tmp_path):
     raw = yaml.safe_load(path.read_text())
     assert {name: _section(raw, name) for name in DEMO_SETTINGS} == DEMO_SETTINGS
     assert load_params(path).model.train_crop == 64
+    assert load_params(path).study.enabled and load_params(path).study.fractions == (0.25, 0.5, 1.0)
     # Each value once: no variant's own override repeats what it gets from train_defaults.
     repeated = [key for key, value in overrides.items() if key.startswith(("train.", "pretrain.train."))
                 and raw["train_defaults"][key.rpartition(".")[2]] == value]

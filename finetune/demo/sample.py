@@ -48,7 +48,10 @@ MOTIF_SHAPES = ("disc", "square", "triangle", "star", "cross", "hexagon", "ring"
 MOTIF_HUES = (0.0, 30.0, 55.0, 120.0, 180.0, 225.0, 275.0, 320.0)  # degrees: red ... pink
 MOTIF_PATTERNS = ("solid", "stripes", "dots", "checker")
 
-_NEGATIVES = ("pizza", "disc", "square", "triangle", "star", "blob", "sausage")
+# What a not-hot-dog image shows. Four are many-class motif shapes (with the same fill patterns),
+# so the source model's features have seen the negatives' parts; the pizza and the bare sausage
+# share the hot dog's colours and parts.
+NEGATIVE_KINDS = ("pizza", "disc", "square", "triangle", "star", "blob", "sausage")
 _CLUTTER_SHAPES = ("disc", "square", "triangle", "blob", "ellipse")
 
 
@@ -311,7 +314,7 @@ def _draw_mustard(canvas, rng, centre, half_length, angle, sausage_half) -> None
 def _draw_negative(canvas: np.ndarray, rng: np.random.Generator) -> None:
     """Something that is not a hot dog, about as large; some share its colours."""
     height, width = canvas.shape[:2]
-    kind = str(rng.choice(_NEGATIVES))
+    kind = str(rng.choice(NEGATIVE_KINDS))
     centre, scale, angle = _placement(rng, canvas, 0.25, 0.42)
     if kind == "pizza":
         _draw_pizza(canvas, rng, centre, scale)
