@@ -1,0 +1,173 @@
+"""The stack's services as detached processes with pid files and logs under the stack's folder:
+started in order (PostgreSQL, the object store, MLflow, Prefect, the worker), each once healthy,
+and stopped in reverse order."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stack.postgres import Postgres, StackError
+
+BUCKET = "finetune"
+POOL = "finetune-process"  # prefect.yaml's work pool
+S3_KEY, S3_SECRET, S3_REGION = "finetune", "finetune-secret", "us-east-1"  # the object store takes any
+ZOMBIES = Path(__file__).with_name("zombies.yaml")
+HEARTBEAT_S = 30  # flow-run heartbeats: a run that misses them for 90 s is marked crashed (zombies.yaml)
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where each service listens on 127.0.0.1."""
+
+    postgres: int = 5433
+    s3: int = 9000
+    mlflow: int = 5000
+    prefect: int = 4200
+
+
+class Stack:
+    """The stack whose state is in ``root`` (``.stack/``), serving ``project`` (the worker's folder)."""
+
+    def __init__(self, root: Path, project: Path, ports: Ports | None = None) -> None:
+        self.root, self.project = root.resolve(), project.resolve()
+        saved = self.root / "stack.json"
+        state = json.loads(saved.read_text()) if saved.exists() else {}
+        self.ports = ports or Ports(**state.get("ports", {}))
+        self.password = state.get("password") or secrets.token_hex(12)
+        self.postgres = Postgres(self.root, self.ports.postgres, self.password)
+
+    # -- what clients need ---------------------------------------------------------------
+    def urls(self) -> dict[str, str]:
+        return {"MLflow": f"http://127.0.0.1:{self.ports.mlflow}", "Prefect": f"http://127.0.0.1:{self.ports.prefect}",
+                "S3": f"http://127.0.0.1:{self.ports.s3}", "PostgreSQL": f"127.0.0.1:{self.ports.postgres}"}
+
+    def client_env(self) -> dict[str, str]:
+        """What a client exports: the two servers, and the object store's keys for `dvc push/pull`."""
+        return {"MLFLOW_TRACKING_URI": self.urls()["MLflow"], "PREFECT_API_URL": f"{self.urls()['Prefect']}/api",
+                "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION}
+
+    def s3_env(self) -> dict[str, str]:
+        """What the MLflow server needs to reach the bucket (clients never do: --serve-artifacts)."""
+        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
+                "MLFLOW_S3_ENDPOINT_URL": self.urls()["S3"]}
+
+    def process_env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+            env.pop(name, None)  # a developer's own servers must not leak into the stack's
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env | {"PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | extra
+
+    # -- processes -------------------------------------------------------------------------
+    def pid_file(self, name: str) -> Path:
+        return self.root / "run" / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+        """Start ``command`` detached (its own session), output to logs/<name>.log; its pid."""
+        for folder in ("run", "logs"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("a") as log:
+            process = subprocess.Popen(command, env=env, cwd=cwd or self.root, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file(name).write_text(str(process.pid))
+        return process.pid
+
+    def running(self, name: str) -> bool:
+        try:
+            pid = int(self.pid_file(name).read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def wait_http(self, name: str, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running(name):
+                raise StackError(f"{name} exited while starting; its log: {self.log(name)}\n{tail(self.log(name))}")
+            try:
+                with urllib.request.urlopen(url, timeout=3) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise StackError(f"{name} did not answer {url} within {timeout:.0f} s; its log: {self.log(name)}\n"
+                         f"{tail(self.log(name))}")
+
+    def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Signal ``name``'s whole process group (a server and its workers), wait for it to go."""
+        if not self.running(name):
+            self.pid_file(name).unlink(missing_ok=True)
+            return
+        pid = int(self.pid_file(name).read_text())
+        # The group, and children that made sessions of their own (a worker's flow runs).
+        tree = [pid, *descendants(pid)]
+        for each in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(each, sig) if each == pid else os.kill(each, sig)
+        deadline = time.monotonic() + timeout
+        while any(alive(each) for each in tree) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for each in tree:
+            if alive(each):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(each, signal.SIGKILL)
+        self.pid_file(name).unlink(missing_ok=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a child that exited is reaped here, not left a zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def save(stack: Stack) -> None:
+    stack.root.mkdir(parents=True, exist_ok=True)
+    (stack.root / "stack.json").write_text(json.dumps({"ports": asdict(stack.ports), "password": stack.password}))
+    (stack.root / "stack.json").chmod(0o600)

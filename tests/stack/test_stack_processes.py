@@ -1,0 +1,68 @@
+"""The stack's plumbing without its servers (seconds): what `python -m stack env` tells a client,
+a stop that finds nothing running, a service's whole process tree stopped (a worker's flow runs
+start sessions of their own), and where PostgreSQL's data goes when it runs as `postgres`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+from stack.postgres import cluster_folder, owner
+from stack.services import Ports, Stack, alive, descendants
+
+
+def stack_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stack", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_env_prints_the_exports_a_client_needs(tmp_path):
+    done = stack_cli("env", "--root", str(tmp_path / "stack"))
+    assert done.returncode == 0, done.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())
+    assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{Ports().mlflow}"
+    assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{Ports().prefect}/api"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exports.keys()  # for dvc push/pull only
+
+
+def test_down_on_a_stack_that_never_ran_stops_nothing(tmp_path):
+    done = stack_cli("down", "--root", str(tmp_path / "stack"))
+    assert done.returncode == 0, done.stderr
+    assert "stopped" in done.stdout
+
+
+def test_kill_stops_the_service_and_the_sessions_its_children_started(tmp_path):
+    stack = Stack(tmp_path / "stack", tmp_path, Ports(1, 2, 3, 4))
+    # A "worker" whose child leaves its process group (as a flow run does) and lives on.
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+              "start_new_session=True); time.sleep(120)")
+    pid = stack.spawn("worker", [sys.executable, "-c", script], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not descendants(pid):
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.1)
+    child = descendants(pid)[0]
+    assert os.getpgid(child) != os.getpgid(pid)
+    stack.kill("worker")
+    assert not alive(pid) and not alive(child)
+    assert not stack.running("worker") and not stack.pid_file("worker").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as an ordinary user the cluster is that user's, in .stack/")
+def test_as_root_the_data_goes_where_the_postgres_user_can_reach_it(tmp_path):
+    # pytest's folders for root are closed to others (mode 700): the data goes to /var/tmp.
+    user = owner()
+    root = tmp_path / "stack"
+    root.mkdir()
+    folder = cluster_folder(root, user)
+    try:
+        assert (root / "postgres").is_symlink() and str(folder).startswith("/var/tmp/finetune-stack-")
+        assert folder.owner() == "postgres"
+        assert cluster_folder(root, user) == folder  # the same place next time
+    finally:
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
