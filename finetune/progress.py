@@ -1,13 +1,16 @@
 """Progress reporting: a tqdm bar on a terminal, plain log lines everywhere else.
 
 Pipelines run under DVC, Prefect and CI, whose logs are files: a bar redrawn with carriage
-returns turns into noise there, so off a TTY we log a line every ``every`` fraction instead.
+returns turns into noise there, so off a TTY we log a line every ``every`` fraction instead;
+with ``quiet_s``, only once that many seconds have passed since the start or the last line (an
+epoch of a few seconds then logs nothing: its one summary line says enough).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TextIO
 
 from tqdm import tqdm
@@ -29,10 +32,13 @@ class Progress:
         unit: str = "B",
         every: float = 0.1,
         stream: TextIO | None = None,
+        quiet_s: float = 0.0,
     ) -> None:
-        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+        self.desc, self.total, self.unit, self.every, self.quiet_s = desc, total, unit, every, quiet_s
         self.done = 0.0
         self._reported = 0  # how many ``every`` steps have been logged
+        self._last_line = time.monotonic()  # the start, then each logged line
+        self._lines = 0
         stream = stream or sys.stderr
         self._bar = (
             tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=stream)
@@ -61,7 +67,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
         elif self.total and self._steps() > self._reported:
-            log.info("%s: %s", self.desc, self.describe())
+            if time.monotonic() - self._last_line >= self.quiet_s:
+                log.info("%s: %s", self.desc, self.describe())
+                self._last_line, self._lines = time.monotonic(), self._lines + 1
             self._reported = self._steps()
 
     def describe(self) -> str:
@@ -78,7 +86,7 @@ class Progress:
             self._bar = None
         elif failed:
             log.info("%s: failed after %s", self.desc, human(self.done, self.unit))
-        else:
+        elif self._lines or not self.quiet_s:  # quiet work that logged nothing ends quietly too
             log.info("%s: done, %s", self.desc, human(self.done, self.unit))
 
     def _fraction(self) -> float:

@@ -25,6 +25,22 @@ def test_off_a_terminal_it_logs_every_tenth(caplog):
     assert lines[-1] == "job: done, 1.0 kB"
 
 
+def test_quiet_work_logs_only_after_quiet_s(caplog, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("finetune.progress.time.monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+        with Progress("short", total=100, unit="img", stream=io.StringIO(), quiet_s=15) as progress:
+            for _ in range(10):
+                clock[0] += 1  # 10 s in all: nothing to say
+                progress.update(10)
+        with Progress("long", total=100, unit="img", stream=io.StringIO(), quiet_s=15) as progress:
+            for _ in range(10):
+                clock[0] += 4  # a line once 15 s have passed since the last
+                progress.update(10)
+    assert [record.getMessage() for record in caplog.records] == [
+        "long: 40% (40 img of 100 img)", "long: 80% (80 img of 100 img)", "long: done, 100 img"]
+
+
 def test_a_reset_continues_from_the_resumed_offset(caplog):
     with caplog.at_level(logging.INFO, logger="finetune.progress"):
         progress = Progress("dl", total=100, stream=io.StringIO())

@@ -62,7 +62,7 @@ def report(params: Params, project: Path = Path(".")) -> dict:
         write_atomic(plots / "curve.csv", lambda tmp: frame.to_csv(tmp, index=False))
         png = save_png(learning_curve(document), plots / "curve.png")
         write_atomic(project / cfg.report, lambda tmp: tmp.write_text(study_markdown(document)))
-        log_study_summary(parent, document, [png, project / cfg.report])
+        log_study_summary(project, parent, document, [png, project / cfg.report])
     metrics = {"enabled": True} | headline(document) if cfg.enabled else document
     write_atomic(project / cfg.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     return document

@@ -65,13 +65,14 @@ def log_study_run(parent: str | None, record: dict, history: list[EpochStats]) -
         log.warning("could not log the study run to MLflow (%s)", str(err).splitlines()[0][:200])
 
 
-def log_study_summary(parent: str | None, document: dict, files: list[Path]) -> None:
+def log_study_summary(project: Path, parent: str | None, document: dict, files: list[Path]) -> None:
     """Per fraction each variant's mean test accuracy and the mean difference, the verdict as
     the parent's description, ``files`` (learning curve, report) as its artifacts; then it ends."""
     if parent is None:
         return
-    client = MlflowClient()
     try:
+        use_store(project)
+        client = MlflowClient()
         now = int(time.time() * 1000)
         metrics = []
         for row in document["fractions"].values():

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench 
     from finetune.config import TrainConfig
 
 log = logging.getLogger(__name__)
+EPOCH_QUIET_S = 15.0  # off a terminal, progress lines inside an epoch at most this often
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ def run_epoch(network, model, train_loader, watched: dict, optimizer, runtime: R
     started = time.perf_counter()
     total = len(train_loader.sampler) if cfg.max_steps is None else min(
         len(train_loader.sampler), cfg.max_steps * train_loader.batch_size)
-    with Progress(f"epoch {epoch}/{cfg.epochs}", total=total, unit="img") as bar:
+    # quiet_s: an epoch shorter than that logs only its summary line (the study runs dozens)
+    with Progress(f"epoch {epoch}/{cfg.epochs}", total=total, unit="img", quiet_s=EPOCH_QUIET_S) as bar:
         loss_sum, correct, seen = train_epoch(network, train_loader, optimizer, runtime, cfg, bar, dist.world)
     seconds = time.perf_counter() - started
     loss_sum, correct, seen = dist.sum([loss_sum, correct, seen])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from train.test_training import make_project, tiny_train
@@ -30,6 +31,9 @@ def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path,
     assert all(len(r["right"]) == 4 and r["test_acc"] == sum(r["right"]) / 4 for r in runs)
     assert seeds[0]["parent_run"] == seeds[1]["parent_run"]  # one study, whichever seed came first
 
+    # study-report runs in a process of its own: it must find the project's store itself
+    mlflow.set_tracking_uri((tmp_path / "elsewhere").as_uri())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # which set_tracking_uri sets: a new process has neither
     document = report(params, project)
     assert set(document["fractions"]) == {"0.5", "1"} and document["fractions"]["1"]["seeds"] == 2
     metrics = json.loads((project / "metrics/study.json").read_text())
