@@ -48,7 +48,10 @@ bench: $(STAMP)
 # The MLflow UI over a workspace's local store (<workspace>/mlflow/), on 127.0.0.1 only;
 # `make ui WORKSPACE=demo` for the demo's runs and models.
 WORKSPACE ?= .
+# MLflow 3's UI opens experiments on its GenAI view (a browser setting, whatever the experiment's
+# kind); ?workflowType=machine_learning opens the runs list.
 ui: $(STAMP)
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
 
 # DVC's views of a workspace (WORKSPACE=demo after `make demo`): what is stale and the pipeline's
