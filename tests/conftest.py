@@ -141,6 +141,18 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory) -> dict[str, str]:
+    """Prefect on its own ephemeral server, with its state in a temporary folder."""
+    from finetune.demo.workspace import stage_env
+
+    env = stage_env()
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
 @pytest.fixture
 def http_server() -> Iterator[TestServer]:
     """A real HTTP server on 127.0.0.1 (a free port), stopped after the test."""

@@ -13,18 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from finetune.demo.workspace import stage_env, sync_workspace
+from finetune.demo.workspace import sync_workspace
 from tasks.dvc import StageFailed, network_failure
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory) -> dict[str, str]:
-    """Prefect on its own ephemeral server, with its state in a temporary folder."""
-    env = stage_env()
-    env.pop("PREFECT_API_URL", None)
-    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
 
 
 def closed_port() -> int:

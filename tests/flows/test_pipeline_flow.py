@@ -11,22 +11,12 @@ import pytest
 from conftest import REPO, tree_digest
 
 from finetune.config import load_params
-from finetune.demo.workspace import stage_env, sync_workspace, write_params
+from finetune.demo.workspace import sync_workspace, write_params
 from flows.plan import stage_order
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory) -> dict[str, str]:
-    """Prefect on its own ephemeral server, with its state in a temporary folder."""
-    env = stage_env()
-    env.pop("PREFECT_API_URL", None)
-    env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    return env
 
 
 @pytest.mark.slow
