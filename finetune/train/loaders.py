@@ -94,13 +94,15 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
 
 def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE, with_test: bool = False):
     """Train (augmenting), validation (the train images with the test transform) and test
-    datasets read from the decode cache (rank 0 builds it if missing; its test part only
+    datasets read from the decode cache (each machine's local rank 0 builds it if missing; its test part only
     ``with_test``, else the test dataset is None)."""
     m = params.model
     sizes = Sizes(params.cache.short_side or m.test_resize, m.test_resize, m.test_crop, m.resize_mode)
     version = data_version(project, Path(os.path.relpath(train_ds.root, project)))
     folder = project / params.cache.dir / cache_key(train_ds, test_ds, sizes, version)
-    if dist.main:
+    # The first process of each machine builds it (nodes need not share a folder; where they do,
+    # the build is atomic and a second builder's rename finds the first one's cache in place).
+    if dist.local_rank == 0:
         workers = (os.cpu_count() or 1) if params.cache.workers == "auto" else params.cache.workers
         ensure_cache(folder, train_ds, test_ds, sizes, workers, with_test)
     dist.barrier()

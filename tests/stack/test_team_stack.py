@@ -260,10 +260,7 @@ def test_two_nodes_under_torchrun_train_one_model_into_one_run(team, tmp_path):
     client = MlflowClient(stack.urls()["MLflow"])
     before = {run.info.run_id for run in training_runs(client)}
     nodes = [separable_project(tmp_path / f"node{rank}", 1) for rank in range(2)]  # two machines, same data
-    for node in nodes:
-        # The decode cache is built by rank 0 for every process: on machines without a shared
-        # folder the other node has none, so they decode the images themselves.
-        write_params(node / "params.yaml", node / "params.yaml", {"train.finetune.decode_cache": False})
+    # No shared folder: each node's first process builds that node's decode cache.
     env = stage_env() | {"MLFLOW_TRACKING_URI": stack.urls()["MLflow"], "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("FINETUNE_PIPELINE_RUN", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
