@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -51,6 +52,12 @@ def evaluate_classifier(name: str, classifier: Classifier, root: Path, files_csv
     finally:
         classifier.model.to("cpu")
     probs_np, truth_np = probs.double().numpy(), truth.numpy()
+    broken = int((~np.isfinite(probs_np)).any(1).sum())
+    if broken:
+        raise FinetuneError(
+            f"{name}: its model gives no valid probabilities (NaN or infinite) for {broken} of {len(probs_np)} test "
+            "images, so it cannot be scored. Its training diverged, or its BatchNorm statistics came from too few "
+            f"images per step. Retrain it with a lower lr or more train images (`dvc repro train@{name}`).")
     probs_np /= probs_np.sum(1, keepdims=True)  # float32 softmax sums to 1 only within 1e-7
     headline, per_class, confusion = score(probs_np, truth_np, classifier.classes)
     return VariantEval(name, headline, per_class, confusion, classifier.classes, list(loader.dataset.paths),

@@ -144,3 +144,21 @@ def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):
     with pytest.raises(FinetuneError, match="trained on classes"):
         run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
     assert not (project / params(project).evaluate.metrics).exists()
+
+
+def test_a_model_that_scores_nan_is_a_clear_error_and_leaves_the_outputs(tmp_path, monkeypatch):
+    import torch
+
+    from finetune.errors import FinetuneError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = project_with_data(tmp_path / "p", {"hotdog": 2, "not-hotdog": 2})
+    save_variant(project, "finetune", favour=0, tag="ft")
+    path = save_variant(project, "scratch", favour=1, tag="sc")
+    final = torch.load(path, weights_only=False)
+    final["model"]["fc.bias"] = torch.full_like(final["model"]["fc.bias"], float("nan"))  # a diverged training
+    torch.save(final, path)
+    with pytest.raises(FinetuneError, match=r"scratch: its model gives no valid probabilities .* for 4 of 4 test "
+                                            r"images.*dvc repro train@scratch"):
+        run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
+    assert not (project / params(project).evaluate.metrics).exists()

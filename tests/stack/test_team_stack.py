@@ -37,7 +37,9 @@ DEPLOYMENT = "finetune-retrain/scheduled-retrain"
 MODEL = "hotdog-classifier"
 # 16-pixel crops (TINY_DATA's) leave ResNet's last stage one pixel wide: one step of training
 # can blow up its batch statistics, and evaluation then scores NaN probabilities.
-CROPS = {"model.train_crop": 64, "model.test_resize": 64, "model.test_crop": 64}
+# With them, the stack's trainings also hold out validation (2 of each class's 3 train images).
+CROPS = {"model.train_crop": 64, "model.test_resize": 64, "model.test_crop": 64,
+         "train_defaults.val_fraction": 0.5, "train_defaults.select": "best"}
 
 
 @pytest.fixture(scope="module")
