@@ -15,23 +15,30 @@ from finetune.demo.workspace import write_params
 
 ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "train": ["finetune", "--out", "x", "--metrics", "m",
                                                                       "--plots", "p"],
-        "evaluate": ["--models", "m", "--history", "h"], "register": ["--models", "m"]}
+        "evaluate": ["--models", "m", "--history", "h"], "register": ["--models", "m"],
+        "study": ["--seed", "0", "--out", "s.json"], "study-report": []}
+
+
+def module_name(stage: str) -> str:
+    """The module of a stage: `study-report` is finetune/stages/study_report.py."""
+    return stage.replace("-", "_")
 
 
 def test_the_umbrella_knows_every_stage_module():
-    assert set(STAGES) == set(ARGS) == {p.stem for p in (REPO / "finetune" / "stages").glob("[a-z]*.py")}
+    assert set(STAGES) == set(ARGS)
+    assert {module_name(s) for s in ARGS} == {p.stem for p in (REPO / "finetune" / "stages").glob("[a-z]*.py")}
 
 
 @pytest.mark.parametrize("stage", sorted(ARGS))
 def test_both_doors_print_the_stages_own_help(stage, capsys):
-    module = importlib.import_module(f"finetune.stages.{stage}")
+    module = importlib.import_module(f"finetune.stages.{module_name(stage)}")
     with pytest.raises(SystemExit) as direct:
         module.main(["--help"])
     own = capsys.readouterr().out
     with pytest.raises(SystemExit) as umbrella:
         main([stage, "--help"])
     assert direct.value.code == umbrella.value.code == 0
-    assert own == capsys.readouterr().out and f"python -m finetune.stages.{stage}" in own
+    assert own == capsys.readouterr().out and f"python -m finetune.stages.{module_name(stage)}" in own
 
 
 @pytest.mark.parametrize("stage", sorted(ARGS))
@@ -40,7 +47,7 @@ def test_a_missing_params_file_is_one_paragraph_from_either_door(stage, tmp_path
     assert main(["--params", str(missing), stage, *ARGS[stage]]) == 1
     message = capsys.readouterr().err
     assert message.startswith(f"error: {missing} not found") and "Traceback" not in message
-    module = importlib.import_module(f"finetune.stages.{stage}")
+    module = importlib.import_module(f"finetune.stages.{module_name(stage)}")
     assert module.main(["--params", str(missing), *ARGS[stage]]) == 1
     assert capsys.readouterr().err == message
 
@@ -67,11 +74,13 @@ PROBE = ("import runpy, sys\n"
     ("pretrain", {"model.arch": "resnet81"}, "model.arch"),
     ("evaluate", {"model.weights": "photo.jpg"}, "model.weights: "),
     ("register", {"model.arch": "resnet81"}, "model.arch"),
+    ("study", {"study.fractions": [0.5, 0.25]}, "study.fractions"),
+    ("study-report", {"model.arch": "resnet81"}, "model.arch"),
 ])
 def test_a_wrong_model_setting_stops_the_stage_before_torch_and_mlflow_load(tmp_path, stage, overrides, named):
     (tmp_path / "photo.jpg").write_bytes(jpeg((200, 40, 40)))
     write_params(REPO / "params.yaml", tmp_path / "params.yaml", overrides)
-    code = PROBE.replace("MODULE", repr(f"finetune.stages.{stage}"))
+    code = PROBE.replace("MODULE", repr(f"finetune.stages.{module_name(stage)}"))
     result = subprocess.run([sys.executable, "-c", code, "-", *ARGS[stage]], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.stdout.strip() == "exit 1 False False", result.stdout + result.stderr
