@@ -53,7 +53,8 @@ def report(params: Params, project: Path = Path(".")) -> dict:
         document = {"enabled": False}
         write_atomic(project / cfg.report, lambda tmp: tmp.write_text(
             "# Study\n\nstudy.enabled is false: no study was run. `make study` runs it.\n"))
-        write_atomic(plots / "curve.csv", lambda tmp: tmp.write_text("train_images\n"))
+        columns = ["train_images", params.evaluate.challenger, params.evaluate.baseline]
+        write_atomic(plots / "curve.csv", lambda tmp: tmp.write_text(",".join(columns) + "\n"))
     else:
         records, parent = read_seeds(params, project)
         document = {"enabled": True} | summarize(records, params.evaluate.challenger, params.evaluate.baseline)
