@@ -134,13 +134,14 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
         # The kept weights once more on validation: the predictions picture (every process takes part).
         probs, truth = predict_all(model, data.val, runtime, dist) if data.val is not None else (None, None)
         if dist.main:
+            scores = selected_scores(fitted)
             save_final(out / "model.pt", model, classes, params.model.arch, settings, fingerprint=fingerprint,
-                       mlflow_run_id=run_id, **selected_scores(fitted))
-            write_outputs(paths, project, fitted, data.train_images, n_val)
+                       mlflow_run_id=run_id, **scores)
+            write_outputs(paths, project, fitted, scores, data.train_images, n_val)
             # The outputs first: a tracking outage or a refused artifact then costs no training (the
             # rerun resumes after the last epoch and logs only what the run misses).
             runs.log_results(model, data.val_set, probs, truth, classes, params, project / paths.metrics, tracker,
-                             selected_scores(fitted))
+                             scores)
             runs.write_run_file(out, fingerprint, run_id, complete=True)
     log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)
     return TrainResult(variant, chosen.val_acc, fitted.history, run_id, out / "model.pt")
@@ -171,11 +172,11 @@ def write_validation_files(out: Path, files: list[tuple[str, str]]) -> None:
     write_atomic(out / VALIDATION_FILES, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def write_outputs(paths: Paths, project: Path, fitted: Fitted, n_train: int, n_val: int) -> None:
-    """The metrics JSON (dvc metrics: the kept epoch's validation numbers) and per-epoch plot data
-    (dvc plots)."""
+def write_outputs(paths: Paths, project: Path, fitted: Fitted, scores: dict, n_train: int, n_val: int) -> None:
+    """The metrics JSON (dvc metrics: ``scores``, the kept epoch's, see selected_scores) and
+    per-epoch plot data (dvc plots)."""
     history, last = fitted.history, fitted.history[-1]
-    metrics = {k: v for k, v in selected_scores(fitted).items() if v is not None} | {
+    metrics = {k: v for k, v in scores.items() if v is not None} | {
         "train_acc": last.train_acc, "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
         "train_images": n_train, "val_images": n_val}
     write_atomic(project / paths.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
