@@ -1,5 +1,6 @@
 """`python -m finetune <command>`: see finetune/cli.py."""
 
 from finetune.cli import main
+from finetune.command import exit_now
 
-raise SystemExit(main())
+exit_now(main())

@@ -8,11 +8,14 @@ traceback) with exit code 1.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from finetune.config import PARAMS_FILE, Params, check_weights_file, load_params
 from finetune.errors import FinetuneError
@@ -75,3 +78,24 @@ def stage_main(module: str, description: str | None, add_arguments: Callable[[ar
     stage_parser = parser(f"python -m {module}", description)
     add_arguments(stage_parser)
     return execute(handler, stage_parser.parse_args(argv))
+
+
+def exit_now(code: int | None) -> NoReturn:
+    """End a command's process with ``code`` as Python would, less the teardown of every module.
+
+    Output and logs are flushed, threads that are not daemons are waited for, and the atexit
+    handlers run (multiprocessing reaps loader workers, MLflow flushes); then the process ends
+    without the interpreter freeing each module's objects one by one, which took 2 s of every
+    stage's run on a 2-core CPU once torch, torch._dynamo (torchvision imports it), MLflow and
+    SQLAlchemy were loaded. A command's errors have been handled (printed, a code) by then."""
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what the interpreter's own exit would run (logging.shutdown among them)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone (a reader that went away): nothing left to say
+            pass
+    os._exit(code or 0)

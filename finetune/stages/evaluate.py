@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.evaluate.figures import write_plots
 from finetune.evaluate.metrics import VariantEval, metrics_document, per_class_document
@@ -78,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

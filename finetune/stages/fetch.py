@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.data.fetch import fetch
 
@@ -29,4 +29,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.data.fetch import fetch
 from finetune.data.index import build_index, list_dataset
@@ -94,4 +94,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

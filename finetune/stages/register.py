@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.tracking.registry import register_candidate
 
@@ -41,4 +41,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.errors import FinetuneError
 from finetune.evaluate.figures import learning_curve, save_png
@@ -84,4 +84,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

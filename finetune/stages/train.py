@@ -1,10 +1,11 @@
 """The ``train@<variant>`` stage: data → model → fit → outputs, tracked as a nested MLflow run.
 
 Outputs (paths from dvc.yaml): ``<out>/model.pt`` (the kept epoch's weights, classes, the config
-that made them, its validation scores), ``<out>/checkpoint.pt`` (per epoch, for resuming),
-``<out>/validation.csv`` (the held-out files it watched), a metrics JSON and per-epoch plot data
-(CSV). It never reads the test split unless ``test_each_epoch`` asks for the book's plot. The MLflow run is written to ``<out>/run.json``, so a rerun after a crash continues
-the same run instead of leaving an orphan.
+that made them, its validation scores), ``<out>/checkpoint.pt`` (per epoch, for resuming; removed
+once the run is complete), ``<out>/validation.csv`` (the held-out files it watched), a metrics
+JSON and per-epoch plot data (CSV). It never reads the test split unless ``test_each_epoch`` asks
+for the book's plot. The MLflow run is written to ``<out>/run.json``, so a rerun after a crash
+continues the same run instead of leaving an orphan.
 
 `python -m finetune.stages.train <variant> --out models/<variant> --metrics metrics/train/<variant>.json
 --plots plots/train/<variant>.csv`
@@ -29,7 +30,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params, TrainConfig, check_weights_file
 from finetune.data.lineage import data_version, git_commit
 from finetune.errors import ConfigError
@@ -40,7 +41,7 @@ from finetune.tracking import runs
 from finetune.tracking.store import runtime_tags
 from finetune.train import distributed, guard
 from finetune.train.callbacks import EpochStats
-from finetune.train.checkpoints import load_checkpoint
+from finetune.train.checkpoints import load_checkpoint, remove_checkpoint
 from finetune.train.distributed import Dist
 from finetune.train.loaders import loaders
 from finetune.train.loop import Fitted, fit, predict_all
@@ -143,6 +144,7 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
             runs.log_results(model, data.val_set, probs, truth, classes, params, project / paths.metrics, tracker,
                              scores)
             runs.write_run_file(out, fingerprint, run_id, complete=True)
+            remove_checkpoint(out)  # after the record: a crash in between leaves a complete run
     log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)
     return TrainResult(variant, chosen.val_acc, fitted.history, run_id, out / "model.pt")
 
@@ -220,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -12,7 +12,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from finetune.command import stage_main
+from finetune.command import exit_now, stage_main
 from finetune.config import Params
 from finetune.data.validation import ValidationFailed, failure_message, validate_dataset
 
@@ -43,4 +43,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

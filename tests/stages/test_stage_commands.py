@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, jpeg
 
 from finetune.cli import STAGES, main
-from finetune.demo.workspace import write_params
+from finetune.demo.workspace import stage_env, write_params
 
 ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "train": ["finetune", "--out", "x", "--metrics", "m",
                                                                       "--plots", "p"],
@@ -85,3 +85,39 @@ def test_a_wrong_model_setting_stops_the_stage_before_torch_and_mlflow_load(tmp_
                             text=True, timeout=120)
     assert result.stdout.strip() == "exit 1 False False", result.stdout + result.stderr
     assert result.stderr.startswith("error: ") and named in result.stderr and "Traceback" not in result.stderr
+
+
+EXIT_NOW = """
+import atexit, logging, sys, threading, time
+from pathlib import Path
+from finetune.command import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("done")
+threading.Thread(target=late).start()
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+logging.getLogger("x").info("logged")
+sys.stdout.write("no newline")  # buffered: a pipe is not a terminal
+exit_now({code})
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3, None])
+def test_a_command_ends_with_its_code_its_output_threads_and_exit_handlers(tmp_path, code):
+    """exit_now skips only the interpreter's teardown: the code, buffered output, logs, a thread
+    still working and the atexit handlers all behave as at a normal exit."""
+    result = subprocess.run([sys.executable, "-c", EXIT_NOW.format(code=code), str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == (code or 0)
+    assert result.stdout == "no newline" and result.stderr.strip() == "logged"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_a_stage_whose_params_are_wrong_exits_1_with_its_message(tmp_path):
+    (tmp_path / "params.yaml").write_text("nonsense: [\n")
+    result = subprocess.run([sys.executable, "-m", "finetune.stages.validate", "--params",
+                             str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=stage_env())
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ from test_training import OnEpoch, fit_tiny, make_project
 
 from finetune.errors import WriteError
 from finetune.files import write_atomic
-from finetune.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from finetune.train.checkpoints import CHECKPOINT, CheckpointWriter, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -122,6 +122,35 @@ def test_a_full_disk_is_a_message_and_keeps_the_old_checkpoint(full_disk, torch_
     assert str(caught.value).startswith(f"cannot write {full_disk / CHECKPOINT}: {os.strerror(errno.ENOSPC)}; ")
     assert "df -h" in str(caught.value)
     assert (full_disk / CHECKPOINT).read_bytes() == b"old" and [p.name for p in full_disk.iterdir()] == [CHECKPOINT]
+
+
+def test_the_background_writer_saves_each_epoch_as_it_was(tmp_path):
+    """The next epoch changes the weights in place while the last one's file is written: the
+    file holds the values at save time, and the best weights (never changed in place) as given."""
+    import torch
+
+    live = torch.zeros(500_000)
+    writer = CheckpointWriter(tmp_path)
+    for epoch in (1, 2):
+        writer.save({"epoch": epoch, "model": {"w": live}, "optimizer": {"state": [live * 2]}, "best": live[:3]})
+        live += 1  # the next epoch's steps
+    writer.wait()
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert saved["epoch"] == 2 and torch.all(saved["model"]["w"] == 1)
+    assert torch.all(saved["optimizer"]["state"][0] == 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+
+
+def test_a_failed_background_write_is_raised_by_the_training_and_keeps_the_old_checkpoint(full_disk):
+    import torch
+
+    (full_disk / CHECKPOINT).write_bytes(b"old")
+    writer = CheckpointWriter(full_disk)
+    writer.save({"epoch": 1, "model": {"w": torch.zeros(200_000)}})  # more than the disk holds
+    with pytest.raises(WriteError, match="df -h"):
+        writer.wait()
+    writer.wait()  # raised once: the training's error handling is not raised at again
+    assert (full_disk / CHECKPOINT).read_bytes() == b"old"
 
 
 def test_other_errors_of_the_writer_pass_unchanged(tmp_path):
