@@ -83,16 +83,18 @@ def stage_main(module: str, description: str | None, add_arguments: Callable[[ar
 def exit_now(code: int | None) -> NoReturn:
     """End a command's process with ``code`` as Python would, less the teardown of every module.
 
-    Output and logs are flushed, threads that are not daemons are waited for, and the atexit
-    handlers run (multiprocessing reaps loader workers, MLflow flushes); then the process ends
-    without the interpreter freeing each module's objects one by one, which took 2 s of every
-    stage's run on a 2-core CPU once torch, torch._dynamo (torchvision imports it), MLflow and
-    SQLAlchemy were loaded. A command's errors have been handled (printed, a code) by then."""
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what the interpreter's own exit would run (logging.shutdown among them)
+    What the interpreter's own exit does first is done as it does it: threads are shut down
+    (thread pools told to stop, then every thread that is not a daemon waited for), the atexit
+    handlers run (logging is flushed, multiprocessing reaps loader workers, MLflow flushes), and
+    output is flushed. Then the process ends without freeing each module's objects one by one,
+    which took 2 s of every stage's run on a 2-core CPU once torch, torch._dynamo (torchvision
+    imports it), MLflow and SQLAlchemy were loaded. A command's errors have been handled
+    (printed, a code) by then."""
+    # The interpreter's own first steps at exit (Py_FinalizeEx), in its order: _shutdown runs the
+    # thread pools' exit hooks before it joins threads (joining a pool's idle worker first would
+    # wait for ever).
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

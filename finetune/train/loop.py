@@ -108,7 +108,8 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     continuing from ``checkpoint`` (see load_checkpoint); ``model`` ends with the selected
     epoch's weights (``cfg.select``).
 
-    Checkpoints go to ``out_dir`` after every epoch (rank 0 only), tagged with ``fingerprint``
+    Checkpoints go to ``out_dir`` after every epoch (rank 0 only; written in the background while
+    the next epoch trains, and on disk when ``fit`` returns), tagged with ``fingerprint``
     (settings, data, starting weights) and holding ``extra`` (e.g. the MLflow run id).
     Each of ``callbacks`` gets every epoch's stats before its checkpoint is written (so that a
     crash in between repeats the epoch rather than losing its record), and the history at the
