@@ -194,6 +194,7 @@ class TrainConfig(Section):
     cached_features: bool  # frozen epochs train the head on backbone features computed once per view
     feature_views: int = Field(ge=1)  # augmented views per train image for cached features
     nproc_per_node: int = Field(ge=1)  # > 1: DistributedDataParallel over this many processes (torchrun)
+    checkpoint_every_s: float = Field(ge=0)  # a checkpoint after the epoch that ends this long after the last
     val_fraction: float = Field(ge=0, lt=1)  # of each train class, held out to watch; 0: no validation split
     monitor: Literal["val_acc", "val_loss"]  # what selection and early stopping watch
     select: Literal["best", "last"]  # the weights kept: the best epoch by `monitor`, or the last

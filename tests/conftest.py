@@ -202,7 +202,8 @@ TINY_TRAIN = {"model.weights": "none", "model.train_crop": 16, "model.test_resiz
               # Every one of the few images trains: held out, 2 of 3 per class would leave one image
               # per class, and one step on 2 images at 16 px (a 1-pixel last stage) can wreck
               # BatchNorm's statistics. Validation is tested where there are images to spare.
-              "train_defaults.val_fraction": 0, "train_defaults.select": "last", "evaluate.workers": 0}
+              "train_defaults.val_fraction": 0, "train_defaults.select": "last", "evaluate.workers": 0,
+              "train_defaults.checkpoint_every_s": 0}  # seconds-long trainings checkpoint every epoch
 TINY_DATA = {"validate.min_side": 8, "validate.min_images_per_class": 2, "validate.expected_per_class": None,
              **TINY_TRAIN}
 

@@ -99,7 +99,8 @@ RECIPE = {
     "step_gamma": 0.1, "unfreeze": {}, "unfreeze_lr_mult": 0.1, "device": "auto", "precision": "auto",
     "channels_last": True, "seed": 0, "deterministic": False, "workers": "auto", "max_steps": None,
     "decode_cache": True, "compile": "auto", "cached_features": True, "feature_views": 2, "nproc_per_node": 1,
-    "val_fraction": 0.1, "monitor": "val_acc", "select": "best", "early_stopping": None, "test_each_epoch": False,
+    "checkpoint_every_s": 30, "val_fraction": 0.1, "monitor": "val_acc", "select": "best",
+    "early_stopping": None, "test_each_epoch": False,
     "augment_on": "auto",
 }
 FINETUNE = {"init": "pretrained", "lr": 0.0064, "head_lr_mult": 10}

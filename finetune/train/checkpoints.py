@@ -1,5 +1,7 @@
-"""Checkpoints: one file per training folder, written after every epoch, so a rerun after a crash
-resumes at the next epoch with the same weights, optimiser, history and RNG states."""
+"""Checkpoints: one file per training folder, written after the last epoch and after any epoch
+that ends ``checkpoint_every_s`` or more after the previous checkpoint (0: after every epoch), so
+a rerun after a crash resumes after that epoch with the same weights, optimiser, history and RNG
+states."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,25 +40,37 @@ def save_checkpoint(out_dir: Path, state: dict) -> None:
 
 
 class CheckpointWriter:
-    """Writes each epoch's checkpoint in a background thread while the next epoch trains.
+    """Writes a training's checkpoints in a background thread while the next epoch trains, when
+    :meth:`due` says an epoch is to be checkpointed.
 
     Writing ResNet-18's checkpoint (weights, optimiser state and the best weights so far: 134 MB)
     took a quarter of a second per epoch on a 2-core laptop CPU, all of it waiting for the disk.
     The live tensors (``LIVE`` keys) are copied first, since the next epoch changes them in
     place; one write is in flight at a time, and :meth:`wait` (at the end of a training, or
     before the next write) raises the error of a failed one. A kill during a write leaves the
-    previous checkpoint (see save_checkpoint): the rerun resumes one epoch earlier."""
+    previous checkpoint (see save_checkpoint): the rerun resumes from that one."""
 
     LIVE = ("model", "optimizer")
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, every_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.out_dir = out_dir
+        self.every_s = every_s
+        self._clock = clock
+        self._last = clock()  # the training's start counts as the last checkpoint
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+
+    def due(self, final: bool) -> bool:
+        """Whether the epoch that just ended is checkpointed: the ``final`` one always (the outputs
+        are made from it, and a crash before they are recorded must not train it again), any
+        other once ``every_s`` have passed since the last checkpoint (0: every epoch). Copying and
+        writing 134 MB took 70 ms per epoch on a 2-core CPU: a tenth of the demo's 0.8 s epochs."""
+        return final or self._clock() - self._last >= self.every_s
 
     def save(self, state: dict) -> None:
         """Start writing ``state`` (after the previous write has ended)."""
         self.wait()
+        self._last = self._clock()
         snapshot = state | {key: detached_copy(state[key]) for key in self.LIVE if key in state}
         self._thread = threading.Thread(target=self._write, args=(snapshot,), name="finetune-checkpoint",
                                         daemon=True)

@@ -108,8 +108,9 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     continuing from ``checkpoint`` (see load_checkpoint); ``model`` ends with the selected
     epoch's weights (``cfg.select``).
 
-    Checkpoints go to ``out_dir`` after every epoch (rank 0 only; written in the background while
-    the next epoch trains, and on disk when ``fit`` returns), tagged with ``fingerprint``
+    Checkpoints go to ``out_dir`` after the last epoch and after every epoch that ends
+    ``cfg.checkpoint_every_s`` after the last checkpoint (rank 0 only; written in the background
+    while the next epoch trains, and on disk when ``fit`` returns), tagged with ``fingerprint``
     (settings, data, starting weights) and holding ``extra`` (e.g. the MLflow run id).
     Each of ``callbacks`` gets every epoch's stats before its checkpoint is written (so that a
     crash in between repeats the epoch rather than losing its record), and the history at the
@@ -125,7 +126,7 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     history = resume(checkpoint, model, optimizer, cfg, selection) if checkpoint else []
     watched = {"val": data.val, "test": data.test if cfg.test_each_epoch else None}
     network, features = None, None
-    checkpoints = CheckpointWriter(out_dir) if dist.main else None
+    checkpoints = CheckpointWriter(out_dir, cfg.checkpoint_every_s) if dist.main else None
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             if selection.stopped_at is not None:
@@ -138,7 +139,8 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
             selection.update(stats, model)
             for callback in callbacks:
                 callback.on_epoch_end(stats)
-            if checkpoints is not None:
+            final = epoch == cfg.epochs or selection.stopped_at is not None
+            if checkpoints is not None and checkpoints.due(final):
                 checkpoints.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch, "fingerprint": fingerprint, "selection": selection.state_dict(),

@@ -159,3 +159,50 @@ def test_other_errors_of_the_writer_pass_unchanged(tmp_path):
 
     with pytest.raises(PermissionError):  # about another file: not write_atomic's to explain
         write_atomic(tmp_path / "out.txt", fail)
+
+
+@pytest.mark.parametrize(("every_s", "elapsed", "final", "due"), [
+    (0, 0.0, False, True),  # 0: every epoch
+    (30, 29.9, False, False),
+    (30, 30.0, False, True),
+    (30, 1.0, True, True),  # the last epoch always: the outputs are made from it
+])
+def test_an_epoch_is_checkpointed_when_its_interval_has_passed_or_it_is_the_last(every_s, elapsed, final, due):
+    now = [100.0]
+    writer = CheckpointWriter(Path("unused"), every_s, clock=lambda: now[0])
+    now[0] += elapsed
+    assert writer.due(final) is due
+
+
+def test_a_saved_checkpoint_starts_the_next_interval(tmp_path):
+    now = [0.0]
+    writer = CheckpointWriter(tmp_path, 30, clock=lambda: now[0])
+    now[0] = 31.0
+    writer.save({"epoch": 1})
+    writer.wait()
+    now[0] = 60.0
+    assert not writer.due(final=False)  # 29 s after the save, though 60 s after the start
+    now[0] = 61.0
+    assert writer.due(final=False)
+
+
+@pytest.mark.parametrize(("every_s", "changes", "written"), [
+    (0, {}, [1, 2, 3]),
+    (3600, {}, [3]),  # tiny epochs, a long interval: the last epoch only
+    (3600, {"early_stopping": {"patience": 1, "min_delta": 1.0}}, [2]),  # where early stopping ends it
+])
+def test_fit_checkpoints_by_its_interval_and_always_the_epoch_it_ends_with(project, monkeypatch, every_s, changes,
+                                                                           written):
+    from finetune.train import checkpoints
+
+    epochs, save = [], checkpoints.save_checkpoint
+
+    def recording(out_dir, state):
+        epochs.append(state["epoch"])
+        save(out_dir, state)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", recording)
+    _, run = fit_tiny(project, epochs=3, checkpoint_every_s=every_s, **changes)
+    run()
+    assert epochs == written
+    assert load_checkpoint(project / "models" / "t", "t")["epoch"] == written[-1]

@@ -33,7 +33,8 @@ TINY = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36
 
 
 def tiny_train(**changes) -> dict[str, object]:
-    base = {"epochs": 2, "batch_size": 4, "max_steps": 2, "workers": 0, "precision": "fp32", "val_fraction": 0.5}
+    base = {"epochs": 2, "batch_size": 4, "max_steps": 2, "workers": 0, "precision": "fp32", "val_fraction": 0.5,
+            "checkpoint_every_s": 0}  # tiny epochs: checkpoint each, as the resume tests expect
     return {f"train.finetune.{k}": v for k, v in (base | changes).items()}
 
 
