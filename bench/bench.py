@@ -263,14 +263,20 @@ def pipeline_timings(ws: Path) -> dict:
             "train_stage": {variant: stage_overhead(ws, variant) for variant in ("finetune", "scratch")}}
 
 
-def stage_overhead(ws: Path, variant: str) -> dict:
-    """One ``dvc repro --force --single-item train@<variant>``: its wall time, its epochs' time (the
-    training passes the stage's per-epoch CSV records) and the difference, the overhead: start-up
-    (imports, MLflow), validation passes and checkpoints, the model's logging, DVC's own work."""
-    wall = timed([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", f"train@{variant}"], ws)
-    with open(ws / "plots" / "train" / f"{variant}.csv", newline="") as f:
-        epochs = sum(float(row["seconds"]) for row in csv.DictReader(f))
-    return {"wall_s": round(wall, 1), "epochs_s": round(epochs, 1), "overhead_s": round(wall - epochs, 1)}
+def stage_overhead(ws: Path, variant: str, repeats: int = 3) -> dict:
+    """``repeats`` runs of ``dvc repro --force --single-item train@<variant>``: the median run's wall
+    time, its epochs' time (the training passes the stage's per-epoch CSV records) and the
+    difference, the overhead (start-up: imports, MLflow; validation passes and checkpoints; the
+    model's logging; DVC's own work), and every run's overhead (it moves by about a second)."""
+    runs = []
+    for _ in range(repeats):
+        wall = timed([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", f"train@{variant}"], ws)
+        with open(ws / "plots" / "train" / f"{variant}.csv", newline="") as f:
+            epochs = sum(float(row["seconds"]) for row in csv.DictReader(f))
+        runs.append((wall - epochs, wall, epochs))
+    overhead, wall, epochs = sorted(runs)[len(runs) // 2]
+    return {"wall_s": round(wall, 1), "epochs_s": round(epochs, 1), "overhead_s": round(overhead, 1),
+            "overhead_runs_s": [round(run[0], 1) for run in runs]}
 
 
 def demo_workspace() -> Path:
@@ -507,8 +513,10 @@ def targets(report: dict) -> dict:
                 "Prefect overhead per run (target < 15 s)": f"{p['prefect_overhead_s']} s "
                                                            f"(flow {p['flow_s']} s vs by hand {p['by_hand_s']} s)"}
         for variant, stage in p.get("train_stage", {}).items():
+            runs = stage.get("overhead_runs_s", [stage["overhead_s"]])
             out[f"train@{variant} overhead, wall minus epochs (target <= 10 s)"] = (
-                f"{stage['overhead_s']} s ({stage['wall_s']} s for {stage['epochs_s']} s of epochs)")
+                f"{stage['overhead_s']} s, median of {len(runs)} ({min(runs)}-{max(runs)} s; {stage['wall_s']} s "
+                f"for {stage['epochs_s']} s of epochs)")
     return out
 
 
