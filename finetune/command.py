@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import os
 import sys
@@ -52,11 +53,32 @@ def execute(handler: Handler, args: argparse.Namespace) -> int:
     return status or 0
 
 
+def pause_collection(module: str) -> None:
+    """Under ``python -m``: turn Python's cyclic garbage collector off while the command imports
+    its libraries (:func:`stage_main` turns it on again). torch, torchvision, MLflow and SQLAlchemy
+    leave about 800,000 objects that live as long as the process; on a 2-core CPU collecting
+    among them while they were made took 0.9 s of a train stage's imports, and each full
+    collection afterwards 0.25 s. A no-op when the module is imported rather than run."""
+    if module == "__main__":
+        gc.disable()
+
+
+def resume_collection() -> None:
+    """After :func:`pause_collection` and the imports: set every object made so far aside for
+    good (``gc.freeze``: collections no longer walk them, and forked loader workers share their
+    pages) and turn the collector on again. The few cycles left among them (9 MB for a train
+    stage) are kept. A no-op when nothing paused the collector."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def check_params_first(module: str, stage: str) -> None:
     """Under ``python -m finetune.stages.<stage>``: read and check params.yaml (and, for ``train``,
     that the variant's local weights file exists) before the stage module imports torch and MLflow,
     which takes seconds, so a wrong setting fails in milliseconds, before the stage does any work
-    and before DVC records anything. A no-op when the module is imported rather than run."""
+    and before DVC records anything; then pause the garbage collector for those imports (see
+    :func:`pause_collection`). A no-op when the module is imported rather than run."""
     if module != "__main__":
         return
     early = argparse.ArgumentParser(add_help=False)
@@ -70,11 +92,14 @@ def check_params_first(module: str, stage: str) -> None:
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    pause_collection(module)
 
 
 def stage_main(module: str, description: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
                handler: Handler, argv: Sequence[str] | None = None) -> int:
-    """``python -m <module>``: parse ``argv`` with the stage's arguments, run ``handler``."""
+    """``python -m <module>``: parse ``argv`` with the stage's arguments, run ``handler`` (with the
+    garbage collector on again, if the imports paused it)."""
+    resume_collection()
     stage_parser = parser(f"python -m {module}", description)
     add_arguments(stage_parser)
     return execute(handler, stage_parser.parse_args(argv))

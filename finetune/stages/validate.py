@@ -8,6 +8,11 @@ left out of the file list that training reads.
 
 from __future__ import annotations
 
+# Before the imports below load Great Expectations (seconds): see pause_collection.
+from finetune.command import pause_collection
+
+pause_collection(__name__)
+
 import argparse
 import logging
 from collections.abc import Sequence

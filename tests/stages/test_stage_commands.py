@@ -124,3 +124,24 @@ def test_a_stage_whose_params_are_wrong_exits_1_with_its_message(tmp_path):
                              str(tmp_path / "params.yaml")], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, env=stage_env())
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+# Runs a stage module as `python -m` does (or imports it) and reports, on exit, the collector's state.
+GC_PROBE = ("import gc, importlib, runpy, sys\n"
+            "try:\n"
+            "    if RUN_NAME == '__main__':\n"
+            "        runpy.run_module(MODULE, run_name=RUN_NAME, alter_sys=True)\n"
+            "    importlib.import_module(MODULE).main(['--help'])  # imported: main() runs as a test's would\n"
+            "except SystemExit as exit:\n"
+            "    print('exit', exit.code, gc.isenabled(), gc.get_freeze_count() > 0, 'torch' in sys.modules)\n")
+
+
+@pytest.mark.parametrize(("run_name", "frozen"), [("__main__", True), ("imported", False)])
+def test_a_stage_run_as_a_script_sets_its_imports_aside_from_the_garbage_collector(run_name, frozen):
+    """Run (python -m), the stage imports torch and MLflow with the collector off, then freezes
+    what they made and turns it on again before its work; imported (tests, the umbrella command),
+    it leaves the collector alone."""
+    code = GC_PROBE.replace("MODULE", repr("finetune.stages.register")).replace("RUN_NAME", repr(run_name))
+    result = subprocess.run([sys.executable, "-c", code, "--help"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=stage_env())
+    assert result.stdout.splitlines()[-1] == f"exit 0 True {frozen} True", result.stdout + result.stderr
