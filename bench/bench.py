@@ -453,9 +453,13 @@ def ratios(report: dict) -> dict:
             if name in runs and base in runs:
                 out[f"{name}/{base}"] = round(runs[name]["train_img_s"] / runs[base]["train_img_s"], 3)
         if name in runs and "ceiling" in runs and runs[name].get("steady_img_s"):
-            out[f"{name} after its first epoch/ceiling"] = round(
-                runs[name]["steady_img_s"] / runs["ceiling"]["train_img_s"], 3)
+            out[f"{name} after its first epoch/ceiling"] = round(_share(runs[name], runs["ceiling"], "steady_img_s"), 3)
     return out
+
+
+def _share(run: dict, ceiling_run: dict, key: str = "train_img_s") -> float:
+    """``run``'s train images/s (``key``: all epochs, or ``steady_img_s``) over the ceiling's."""
+    return run[key] / ceiling_run["train_img_s"]
 
 
 def _cell(value) -> str:
@@ -472,9 +476,9 @@ def _notes(run: dict, runs: dict) -> str:
     if plain:
         notes.append(f"{run['train_img_s'] / plain['train_img_s']:.1f}x plain")
     if ceiling_run and not run.get("features_s"):
-        notes.append(f"{100 * run['train_img_s'] / ceiling_run['train_img_s']:.0f}% of the ceiling")
+        notes.append(f"{100 * _share(run, ceiling_run):.0f}% of the ceiling")
         if run.get("steady_img_s"):
-            notes.append(f"{100 * run['steady_img_s'] / ceiling_run['train_img_s']:.0f}% after its first epoch")
+            notes.append(f"{100 * _share(run, ceiling_run, 'steady_img_s'):.0f}% after its first epoch")
     if run.get("features_s"):  # head-only epochs: images/s of the head alone says little
         notes = [f"features once {run['features_s']} s, then {run['epoch_s'] * 1000:.0f} ms per head epoch"]
     if run["name"] == "trainer-compile":
@@ -513,10 +517,10 @@ def targets(report: dict) -> dict:
         out["training speed-up (target >= 2.5x with native bf16)"] = f"{speedup:.2f}x"
     if trainer and top:
         goal = ">= 80%" if report["device"] == "cuda" else ">= 95%"
-        share = f"{100 * trainer['train_img_s'] / top['train_img_s']:.0f}%"
+        share = f"{100 * _share(trainer, top):.0f}%"
         if trainer.get("steady_img_s"):  # like for like: neither times its warm-up
-            share = (f"{100 * trainer['steady_img_s'] / top['train_img_s']:.0f}% after its first epoch ({share} with "
-                     "it; the ceiling does not time its 2 warm-up steps)")
+            share = (f"{100 * _share(trainer, top, 'steady_img_s'):.0f}% after its first epoch ({share} with it; the "
+                     "ceiling does not time its 2 warm-up steps)")
         out[f"trainer vs bare-step ceiling (target {goal})"] = share
     if trainer and head:
         out["head-only epoch vs full epoch (target >= 50x)"] = f"{trainer['epoch_s'] / head['epoch_s']:.0f}x"

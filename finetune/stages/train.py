@@ -1,9 +1,9 @@
 """The ``train@<variant>`` stage: data → model → fit → outputs, tracked as a nested MLflow run.
 
 Outputs (paths from dvc.yaml): ``<out>/model.pt`` (the kept epoch's weights, classes, the config
-that made them, its validation scores), ``<out>/checkpoint.pt`` (per epoch, for resuming; removed
-once the run is complete), ``<out>/validation.csv`` (the held-out files it watched), a metrics
-JSON and per-epoch plot data (CSV). It never reads the test split unless ``test_each_epoch`` asks
+that made them, its validation scores), ``<out>/checkpoint.pt`` (for resuming, see
+``checkpoint_every_s``; removed once the run is complete), ``<out>/validation.csv`` (the held-out
+files it watched), a metrics JSON and per-epoch plot data (CSV). It never reads the test split unless ``test_each_epoch`` asks
 for the book's plot. The MLflow run is written to ``<out>/run.json``, so a rerun after a crash
 continues the same run instead of leaving an orphan.
 

@@ -8,10 +8,10 @@ left out of the file list that training reads.
 
 from __future__ import annotations
 
-# Before the imports below load Great Expectations (seconds): see pause_collection.
-from finetune.command import pause_collection
+# Before the imports below load Great Expectations (seconds): a wrong params.yaml fails at once.
+from finetune.command import check_params_first
 
-pause_collection(__name__)
+check_params_first(__name__, "validate")
 
 import argparse
 import logging
