@@ -65,8 +65,9 @@ def pause_collection(module: str) -> None:
 
 def resume_collection() -> None:
     """After :func:`pause_collection` and the imports: set every object made so far aside for
-    good (``gc.freeze``: collections no longer walk them) and turn the collector on again. The few cycles left among them (9 MB for a train
-    stage) are kept. A no-op when nothing paused the collector."""
+    good (``gc.freeze``: collections no longer walk them) and turn the collector on again. The
+    few cycles left among them (9 MB for a train stage) are kept. A no-op when nothing paused
+    the collector."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
