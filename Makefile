@@ -74,8 +74,9 @@ predict: $(STAMP)
 	@test -n "$(IMG)" || { echo "make predict: name the images, e.g. make predict IMG=photo.jpg (several: IMG='a.jpg b.jpg')" >&2; exit 2; }
 	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune predict $(abspath $(IMG)) $(if $(MODEL),--model $(MODEL))
 
-# The registry's production alias: promote moves it to the candidate only if the candidate wins
-# (VERSION=3: that version instead; FORCE=1: even so, recorded); rollback moves it back to the
+# The registry's production alias: promote moves it to the candidate only if the candidate beats
+# chance and wins (VERSION=3: that version instead; FORCE=1: even if it does not win, recorded;
+# never a candidate at chance); rollback moves it back to the
 # version that held it before; errors draws the test images production gets wrong.
 VERSION ?=
 FORCE ?=

@@ -1,6 +1,6 @@
 """`python -m finetune <command>`: the project's commands in one place.
 
-The DVC stages (fetch, validate, pretrain, train, evaluate, register) are the modules of
+The DVC stages (fetch, validate, pretrain, search, train, evaluate, register, study) are the modules of
 finetune/stages/ (`python -m finetune train ...` is `python -m finetune.stages.train ...`); the
 tools below work on the registry, the served model and the demo. Each reads params.yaml, calls
 one library function and prints its result; errors the user can act on are printed as one
@@ -25,16 +25,17 @@ STAGES = {
     "fetch": "download, verify and extract data.url into data.dir",
     "validate": "index data.dir and check it with the Great Expectations suites",
     "pretrain": "train the source model on pretrain.data (a note when it is null)",
-    "train": "train one variant of train: (e.g. finetune, scratch)",
+    "search": "choose one variant's lr on validation within search.budget trainings",
+    "train": "train one variant of train: (e.g. finetune, scratch) with the lr its search chose",
     "evaluate": "score every variant on the test split; compare challenger and baseline",
-    "register": "register the variant that validates best as a new version, alias candidate",
+    "register": "register the variant that validates best, of those above chance, as a new version (candidate)",
     "study": "one seed of the study: both compared variants on every study fraction (study.enabled)",
     "study-report": "the study's learning curve, tables and verdict over every seed",
 }
 
 
 def cmd_promote(params: Params, args: argparse.Namespace) -> None:
-    """Move ``production`` to the candidate only if it beats production by register.min_improvement."""
+    """Move ``production`` to the candidate only if it beats chance and production (register.min_improvement)."""
     from finetune.tracking.registry import promote
 
     d = promote(params, version=args.version, force=args.force)
@@ -142,7 +143,8 @@ def _registry_commands(sub) -> None:
     """promote, rollback, doctor, predict, serve, errors."""
     promote = sub.add_parser("promote", help=cmd_promote.__doc__)
     promote.add_argument("--version", help="promote this version instead of @candidate")
-    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even if production scores better (recorded); never a model at chance")
     promote.add_argument("--json", action="store_true", help="also print the decision as one JSON line")
     promote.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help=cmd_rollback.__doc__).set_defaults(func=cmd_rollback)

@@ -87,7 +87,7 @@ def check_params_first(module: str, stage: str) -> None:
     try:
         params = load_params(args.params)
         variant = params.train.get(next((a for a in rest if not a.startswith("-")), ""))
-        if stage == "train" and variant is not None and variant.init == "pretrained":
+        if stage in ("train", "search") and variant is not None and variant.init == "pretrained":
             check_weights_file(params.model.weights, args.params.parent, must_exist=True)
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,7 +11,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,7 @@ from finetune.errors import ConfigError
 from finetune.model.archs import ARCHS, BLOCKS
 
 PARAMS_FILE = Path("params.yaml")
+Positive = Annotated[int, Field(ge=1)]
 
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64}
 
@@ -169,8 +170,12 @@ class TrainConfig(Section):
 
     init: Literal["pretrained", "scratch"]
     strategy: Literal["full", "freeze", "gradual"]
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    epochs: Positive | Literal["auto"]  # auto: about auto_steps optimizer steps (finetune/train/recipe.py)
+    batch_size: Positive | Literal["auto"]  # auto: train images / 8, at most the book's 128
+    min_steps: int = Field(ge=0)  # a training planned with fewer optimizer steps warns before it starts
+    auto_steps: int = Field(ge=1)  # epochs: auto trains about this many optimizer steps
+    diverge_loss: float = Field(gt=1)  # an epoch's train loss above this x ln(classes) has diverged
+    judge_epochs: bool  # false: only a non-finite loss fails an epoch (smoke tests on a handful of images)
     loss: Literal["mean", "sum"]
     lr: float = Field(gt=0)
     head_lr_mult: float | None = Field(gt=0)
@@ -211,7 +216,8 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _gradual_plan(self) -> TrainConfig:
         blocks = BLOCKS[1:]  # the output layer always trains
-        bad = {e: b for e, b in self.unfreeze.items() if b not in blocks or not 1 < e <= self.epochs}
+        last = self.epochs if isinstance(self.epochs, int) else float("inf")
+        bad = {e: b for e, b in self.unfreeze.items() if b not in blocks or not 1 < e <= last}
         if bad:
             raise ValueError(f"unfreeze entries {bad}: use epoch 2..{self.epochs} -> one of {blocks}")
         return self
@@ -223,6 +229,19 @@ class PretrainConfig(Section):
 
     data: DataConfig | None
     train: TrainConfig
+
+
+class SearchConfig(Section):
+    """``search:`` the same learning-rate search for every variant, chosen on validation only."""
+
+    enabled: bool  # false: each variant trains with its own lr as written
+    budget: int = Field(ge=1)  # trainings per variant, folds included
+    lr_step: float = Field(gt=1)  # neighbouring lrs of the grid differ by this factor
+    min_val_per_class: int = Field(ge=2)  # a smaller validation split: k-fold cross-validation instead
+    folds: int = Field(ge=2)
+    workers: int | Literal["auto"]  # trials trained at once; auto: one per GPU, one per 4 CPU cores
+    out: Path  # folder: <variant>.json, the chosen values and every trial
+
 
 
 class CacheConfig(Section):
@@ -245,6 +264,7 @@ class EvaluateConfig(Section):
     report: Path  # Markdown
     plots: Path  # folder: dvc plots data (CSV) and PNGs
     errors_shown: int = Field(ge=1)  # misclassified test images in the error grid
+    chance_p: float = Field(gt=0, lt=1)  # above chance: exact binomial test vs the majority class, p below this
 
     @model_validator(mode="after")
     def _two_variants(self) -> EvaluateConfig:
@@ -347,6 +367,7 @@ class Params(Section):
     train_defaults: TrainConfig
     pretrain: PretrainConfig
     train: dict[str, TrainConfig] = Field(min_length=1)
+    search: SearchConfig
     cache: CacheConfig
     evaluate: EvaluateConfig
     study: StudyConfig

@@ -25,13 +25,13 @@ from flows.lock import workspace_lock
 from flows.notify import notify
 from flows.plan import stage_order, stale_stages
 from tasks.dvc import StageFailed, StageRun, fetch_stage, run_stage, up_to_date
-from tasks.registry import promotion_gate
+from tasks.registry import nothing_registered, promotion_gate
 from tasks.report import close_pipeline_run, publish_report
 
 # When the pipeline started, for the stages' MLflow parent run (finetune/tracking/store.py
 # START_ENV: the same name; importing MLflow here to read it would cost seconds at every start).
 PIPELINE_START_ENV = "FINETUNE_PIPELINE_START"
-TRAIN_STAGE = "train@"  # the stages that make (or continue) the pipeline's parent run
+TRAIN_STAGE = ("search@", "train@")  # the stages that make (or continue) the pipeline's parent run
 
 
 def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dict | None]:
@@ -53,7 +53,7 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)
-    decision = promotion_gate(root) if any(run.stage == "register" for run in runs) else None
+    decision = gate(root) if any(run.stage == "register" for run in runs) else None
     params = load_params(root / "params.yaml")
     publish_report(params, root, decision, runs)
     if any(run.stage.startswith(TRAIN_STAGE) and not run.skipped for run in runs):
@@ -62,6 +62,16 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
         event = "promotion" if decision["action"] == "promoted" else "refusal"
         notify(params.notify, event, {"workspace": str(root), "message": decision["reason"], "decision": decision})
     return runs, decision
+
+
+def gate(root: Path) -> dict | None:
+    """The promotion gate's decision; None when the register stage registered nothing (no model
+    above chance): the gate then has no new candidate to judge, and the report says why."""
+    why = nothing_registered(root)
+    if why is None:
+        return promotion_gate(root)
+    get_run_logger().warning("no promotion gate: the register stage registered nothing (%s)", why)
+    return None
 
 
 def run_stages(root: Path, refresh: bool, runs: list[StageRun], attempted: list[str]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from finetune.config import load_params
 from tasks.dvc import stream
 
 
@@ -26,3 +27,18 @@ def promotion_gate(workspace: Path) -> dict:
         raise GateFailed(f"`python -m finetune promote` failed in {workspace} (exit {returncode}); "
                          "its output is in the lines above")
     return json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+
+
+def registration(workspace: Path) -> dict | None:
+    """The register stage's last record (register.record), or None when there is none."""
+    record = workspace / load_params(workspace / "params.yaml").register_.record
+    return json.loads(record.read_text()) if record.exists() else None
+
+
+def nothing_registered(workspace: Path) -> str | None:
+    """Why the last register registered nothing (no compared variant beat chance), or None when
+    it registered a version (or left no record: the gate then says what is missing)."""
+    record = registration(workspace)
+    if record is None or record.get("registered", True):
+        return None
+    return record.get("reason") or "no reason recorded"

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from finetune.config import Params, load_params
+from finetune.evaluate.metrics import uncertainty_words
 from finetune.evaluate.report import comparison_lines
 
 ARTIFACT_KEY = "finetune-pipeline-report"
@@ -34,13 +35,18 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
 
 
 def outcome_lines(params: Params, workspace: Path, decision: dict | None) -> list[str]:
-    """What the run registered (reports/register.json) and what the gate decided, one line each."""
+    """What the run registered (reports/register.json), or that it registered nothing and why, and
+    what the gate decided, one line each."""
     lines = []
     record = workspace / params.register_.record
     if record.exists():
         r = json.loads(record.read_text())
-        lines.append(f"**Registered**: `{r['model_name']}` version {r['version']} ({r['variant']}, "
-                     f"{r['metric']} {r['value']:.4f}), MLflow run `{r['run_id']}`, alias `candidate`.")
+        if r.get("registered", True):
+            score = uncertainty_words(r["value"], r.get("uncertainty"))
+            lines.append(f"**Registered**: `{r['model_name']}` version {r['version']} ({r['variant']}, "
+                         f"{r['metric']} {score}), MLflow run `{r['run_id']}`, alias `candidate`.")
+        else:
+            lines.append(f"**Registered**: nothing: {r.get('reason', 'no reason recorded')}.")
     if decision:
         lines.append(f"**Promotion**: {decision['action']} — production v{decision['production_before']} → "
                      f"v{decision['production_after']}: {decision['reason']}")

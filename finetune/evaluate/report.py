@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.evaluate.metrics import HEADLINE, VariantEval
+from finetune.evaluate.metrics import HEADLINE, VariantEval, chance_words
 
 
 def variants(document: dict) -> list[str]:
@@ -21,9 +21,28 @@ def test_images(document: dict) -> int:
     return int(document["comparison"]["test_images"])
 
 
+def at_chance(document: dict) -> list[str]:
+    """The compared variants (challenger first) whose test accuracy is no better than chance; an
+    entry written before the floor existed (no ``above_chance``) counts as tested and passed."""
+    comparison = document["comparison"]
+    return [name for name in (comparison["challenger"], comparison["baseline"])
+            if not document[name].get("above_chance", True)]
+
+
+def chance_clause(name: str, entry: dict) -> str:
+    """``scratch did no better than chance (accuracy 0.500, chance 0.500, binomial p = 0.54)``."""
+    return f"{name} did {chance_words(entry['accuracy'], entry['chance_accuracy'], entry['chance_p_value'])}"
+
+
 def verdict_line(document: dict) -> str:
     """The comparison in one sentence: who scores higher on test accuracy, by how much, on how
-    many images, and whether the exact McNemar test says it could be luck."""
+    many images, and whether the exact McNemar test says it could be luck. When a compared
+    variant did no better than chance (the majority class's share), it says so instead and names
+    no winner: beating a model that did not learn shows nothing. The one verdict of the report,
+    the Prefect artifact and the MLflow parent run's description."""
+    failed = at_chance(document)
+    if failed:
+        return chance_verdict(document, failed)
     comparison = document["comparison"]
     challenger, baseline = comparison["challenger"], comparison["baseline"]
     delta, p = comparison["delta"]["accuracy"], comparison["mcnemar"]["p_value"]
@@ -38,10 +57,43 @@ def verdict_line(document: dict) -> str:
             f"({delta * 100:+.1f} points on {test_images(document)} test images); McNemar p = {p:.2g}, {luck}.")
 
 
+def chance_verdict(document: dict, failed: list[str]) -> str:
+    """The verdict when ``failed`` (one or both compared variants) did no better than chance."""
+    comparison, n = document["comparison"], test_images(document)
+    clauses = " and ".join(chance_clause(name, document[name]) for name in failed)
+    if len(failed) == 2:
+        return f"{clauses} on {n} test images: neither learned enough to compare, so there is no winner."
+    other = next(name for name in (comparison["challenger"], comparison["baseline"]) if name not in failed)
+    entry = document[other]
+    return (f"{clauses} on {n} test images, so the comparison names no winner: {other}'s "
+            f"{entry['accuracy']:.3f} beats chance (binomial p = {entry['chance_p_value']:.2g}), but beating a "
+            f"model that did not learn shows nothing about {other} against a working {failed[0]}.")
+
+
 def comparison_lines(document: dict) -> list[str]:
-    """The verdict, the metrics table with deltas, then the McNemar sentence."""
-    return [f"**Verdict**: {verdict_line(document)}", "", *metrics_table(document), "",
-            mcnemar_sentence(document["comparison"], test_images(document))]
+    """The verdict, the metrics table with deltas, each variant against chance, then the McNemar
+    sentence."""
+    return [f"**Verdict**: {verdict_line(document)}", "", *metrics_table(document), "", *chance_table(document), "",
+            mcnemar_sentence(document["comparison"], test_images(document), at_chance(document))]
+
+
+def chance_table(document: dict) -> list[str]:
+    """Each variant's test accuracy with its exact 95% interval and its one-sided binomial test
+    against the majority class's share (nothing for a document written before the floor)."""
+    names = [name for name in variants(document) if "chance_p_value" in document[name]]
+    if not names:
+        return []
+    level = document["comparison"].get("chance_p")
+    rows = [f"| variant | test accuracy [95% interval] | chance (majority class) | binomial p (one-sided) | "
+            f"better than chance{f' (p < {level:g})' if level else ''} |", "|---|---|---|---|---|"]
+    for name in names:
+        e = document[name]
+        low, high = e["accuracy_ci95_low"], e["accuracy_ci95_high"]
+        rows.append(f"| {name} | {e['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {e['chance_accuracy']:.3f} | "
+                    f"{e['chance_p_value']:.2g} | {'yes' if e['above_chance'] else 'no'} |")
+    return rows + ["", "The interval is exact (Clopper-Pearson). Chance is the accuracy of always answering the "
+                   "test split's largest class; the exact binomial test asks how often guessing at that rate "
+                   "would score this well."]
 
 
 def evaluation_markdown(document: dict, results: list[VariantEval], dataset: Path, figures: dict[str, Path],
@@ -73,15 +125,20 @@ def metrics_table(document: dict) -> list[str]:
     return rows
 
 
-def mcnemar_sentence(comparison: dict, n: int) -> str:
-    """The exact McNemar test in words: the discordant images and what the p-value says."""
+def mcnemar_sentence(comparison: dict, n: int, failed: list[str] = ()) -> str:
+    """The exact McNemar test in words: the discordant images and what the p-value says; with
+    ``failed`` (variants at chance), that the test compares against a model that did not learn."""
     test = comparison["mcnemar"]
     verdict = ("is unlikely to be luck (p < 0.05)" if test["p_value"] < 0.05
                else "could be luck (p ≥ 0.05): more test data would tell")
-    return (f"**McNemar (exact)**: of {n} test images the models disagree on {test['discordant']}; "
-            f"only {comparison['challenger']} is right on {test['challenger_only']}, only "
-            f"{comparison['baseline']} on {test['baseline_only']}. p = {test['p_value']:.4g}: the difference "
-            f"{verdict}.")
+    sentence = (f"**McNemar (exact)**: of {n} test images the models disagree on {test['discordant']}; "
+                f"only {comparison['challenger']} is right on {test['challenger_only']}, only "
+                f"{comparison['baseline']} on {test['baseline_only']}. p = {test['p_value']:.4g}: the difference "
+                f"{verdict}.")
+    if failed:
+        sentence += (f" It is no win: {' and '.join(failed)} did no better than chance, and a difference from a "
+                     "model that did not learn says nothing about which way of training is better.")
+    return sentence
 
 
 def per_class_table(per_class: dict, classes: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from finetune.config import EvaluateConfig, Params
 from finetune.data.images import load_splits
 from finetune.errors import FinetuneError
-from finetune.evaluate.metrics import VariantEval, compare, score
+from finetune.evaluate.metrics import VariantEval, chance_test, compare, score
 from finetune.model.classifier import Classifier, load_classifier
 from finetune.train.compiling import INFERENCE_SHARE, should_compile
 from finetune.train.runtime import Runtime, pick_device, predict, worker_count
@@ -43,7 +43,8 @@ def inference_network(model: nn.Module, images: int, runtime: Runtime) -> nn.Mod
 
 def evaluate_classifier(name: str, classifier: Classifier, root: Path, files_csv: Path,
                         cfg: EvaluateConfig) -> VariantEval:
-    """Score ``classifier`` on the test split of the validated file list (fp32: exact, as served)."""
+    """Score ``classifier`` on the test split of the validated file list (fp32: exact, as served),
+    with its test against chance at ``cfg.chance_p``."""
     loader = split_loader(classifier, root, files_csv, cfg)
     runtime = Runtime(pick_device(cfg.device), None, False)
     classifier.model.to(runtime.device)
@@ -61,7 +62,8 @@ def evaluate_classifier(name: str, classifier: Classifier, root: Path, files_csv
     probs_np /= probs_np.sum(1, keepdims=True)  # float32 softmax sums to 1 only within 1e-7
     headline, per_class, confusion = score(probs_np, truth_np, classifier.classes)
     return VariantEval(name, headline, per_class, confusion, classifier.classes, list(loader.dataset.paths),
-                       probs_np, truth_np)
+                       probs_np, truth_np,
+                       chance=chance_test(truth_np, probs_np.argmax(1), len(classifier.classes), cfg.chance_p))
 
 
 def evaluate_variants(params: Params, models: Path, project: Path = Path(".")) -> tuple[list[VariantEval], dict]:

@@ -1,4 +1,5 @@
-"""The ``evaluate`` stage: every variant on the test split with its test transform; the challenger
+"""The ``evaluate`` stage: every variant on the test split with its test transform, and against
+chance (exact binomial test vs the majority class's share, evaluate.chance_p); the challenger
 against the baseline (deltas, exact McNemar test). Writes dvc metrics JSON, dvc plots data, the
 same plots as PNG, a Markdown report, and the MLflow record (the pipeline's parent run and each
 variant's run).
@@ -69,7 +70,9 @@ def run(params: Params, args: argparse.Namespace) -> None:
     """Score every variant on the test split; compare challenger and baseline (settings ``evaluate:``)."""
     results, comparison = run_evaluate(params, EvalPaths(args.models, args.history))
     for r in results:
-        print(f"{r.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()))
+        floor = (f"above chance (binomial p = {r.chance.p_value:.2g} against {r.chance.chance:.3f})" if r.chance.above
+                 else r.chance.reason())
+        print(f"{r.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.metrics.items()) + f"; {floor}")
     print(f"verdict: {verdict_line(metrics_document(results, comparison))} Report: {params.evaluate.report}")
 
 

@@ -66,8 +66,9 @@ def _pretrain(params: Params, target: Path, project: Path) -> Path | None:
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
     tracker = MlflowCallback()
     with pretrain_run(project, dataset.name, cfg.train, len(classes)):
-        fitted = fit(model, data, cfg.train, runtime, target, fingerprint=fingerprint,
-                     checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker])
+        fitted = fit(model, data, data.cfg, runtime, target, fingerprint=fingerprint,
+                     checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker],
+                     key="pretrain.train")
     save_final(target / "model.pt", model, classes, m.arch, cfg.model_dump(mode="json"))
     check_caught_up(tracker, f"{target / 'model.pt'}")
     chosen = fitted.selected

@@ -26,14 +26,17 @@ from finetune.errors import ConfigError
 from finetune.files import fingerprint_of, write_atomic
 from finetune.tracking.study import log_study_run, study_parent
 from finetune.train.guard import stop_with_starter
+from finetune.train.search import read_search, tuned
 from finetune.train.study import study_seed
 
 
 def study_key(params: Params, project: Path) -> str:
-    """What makes two study runs the same study: data, recipes of both variants, model, plan."""
+    """What makes two study runs the same study: data, recipes of both variants (as their searches
+    tuned them), model, plan."""
     variants = (params.evaluate.challenger, params.evaluate.baseline)
     return fingerprint_of(data_version(project, params.data.dir), params.model.model_dump(mode="json"),
-                          {v: params.train[v].model_dump() for v in variants},
+                          {v: tuned(params.train[v], read_search(project, params.search.out / f"{v}.json", v))
+                           .model_dump() for v in variants},
                           params.study.model_dump(mode="json", include={"seeds", "fractions"}))
 
 

@@ -1,8 +1,10 @@
 """The ``study-report`` stage: every seed's study runs summarised — per fraction each variant's
 mean test accuracy with its 95% interval, the paired difference, a paired t-test across seeds and
-the pooled McNemar test; the learning curve (dvc plots data and PNG), ``study.metrics`` (dvc
-metrics: the headline numbers; every statistic in ``<study.plots>/summary.json``),
-``study.report`` (Markdown, the verdict first), all on the study's parent MLflow run.
+the pooled McNemar test, each variant against chance (the majority class's share of the test
+split in ``validate.files``, at ``evaluate.chance_p``); the learning curve (dvc plots data and
+PNG), ``study.metrics`` (dvc metrics: the headline numbers; every statistic in
+``<study.plots>/summary.json``), ``study.report`` (Markdown, the verdict first), all on the
+study's parent MLflow run.
 With ``study.enabled: false`` it writes a note in each place.
 
 `python -m finetune.stages.study_report`
@@ -44,6 +46,21 @@ def read_seeds(params: Params, project: Path) -> tuple[list[dict], str | None]:
     return records, parent
 
 
+def test_chance(params: Params, project: Path) -> float:
+    """The majority class's share of the test split of the validated file list (validate.files):
+    what always answering that class scores, the study's chance floor."""
+    files_csv = project / params.validate_.files
+    if not files_csv.exists():
+        raise FinetuneError(f"{files_csv} (validate.files) does not exist: the study's chance floor needs the test "
+                            "split's classes. Run the validate stage first (`dvc repro validate`).")
+    files = pd.read_csv(files_csv)
+    counts = files.loc[files["split"] == "test", "class"].value_counts()
+    if counts.empty:
+        raise FinetuneError(f"{files_csv} (validate.files) lists no test images; validate the data again "
+                            "(`dvc repro validate`).")
+    return float(counts.max() / counts.sum())
+
+
 def report(params: Params, project: Path = Path(".")) -> dict:
     """Summarise the study (or write the disabled note); the metrics document."""
     cfg = params.study
@@ -57,7 +74,8 @@ def report(params: Params, project: Path = Path(".")) -> dict:
         write_atomic(plots / "curve.csv", lambda tmp: tmp.write_text(",".join(columns) + "\n"))
     else:
         records, parent = read_seeds(params, project)
-        document = {"enabled": True} | summarize(records, params.evaluate.challenger, params.evaluate.baseline)
+        document = {"enabled": True} | summarize(records, params.evaluate.challenger, params.evaluate.baseline,
+                                                 test_chance(params, project), params.evaluate.chance_p)
         write_atomic(plots / "summary.json", lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
         frame = pd.DataFrame(curve_rows(document))
         write_atomic(plots / "curve.csv", lambda tmp: frame.to_csv(tmp, index=False))

@@ -46,6 +46,7 @@ from finetune.train.distributed import Dist
 from finetune.train.loaders import loaders
 from finetune.train.loop import Fitted, fit, predict_all
 from finetune.train.runtime import Runtime, resolve_runtime, seed_everything
+from finetune.train.search import CROSS_VALIDATION, read_search, tuned
 
 log = logging.getLogger(__name__)
 VALIDATION_FILES = "validation.csv"
@@ -69,13 +70,15 @@ class Paths:
     out: Path
     metrics: Path
     plots: Path
+    search: Path | None = None  # the search@<variant> stage's JSON (None: train with params.yaml's values)
 
 
 def train_variant(params: Params, variant: str, paths: Paths, project: Path = Path(".")) -> TrainResult:
     """Train ``params.train[variant]`` on the validated files of ``data.dir``; write the outputs.
 
     Under torchrun every process trains its share; rank 0 alone logs to MLflow and writes."""
-    cfg = params.train[variant]
+    search = read_search(project, paths.search, variant)
+    cfg = tuned(params.train[variant], search)
     with guard.hold_folder(project / paths.out):  # one trainer per folder, or TrainingBusy at once
         runtime = resolve_runtime(cfg)
         dist = distributed.start(runtime.device.type)
@@ -84,7 +87,7 @@ def train_variant(params: Params, variant: str, paths: Paths, project: Path = Pa
             if not dist.main:  # one voice: rank 0 logs progress and results
                 logging.getLogger("finetune").setLevel(logging.WARNING)
             seed_everything(cfg.seed, cfg.deterministic)  # the same new head in every process
-            return _train(params, variant, cfg, runtime, paths, project, dist)
+            return _train(params, variant, cfg, runtime, paths, project, dist, search)
         finally:
             distributed.stop(dist)
 
@@ -98,10 +101,11 @@ def _local_device(runtime: Runtime, dist: Dist) -> Runtime:
 
 
 def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, paths: Paths, project: Path,
-           dist: Dist) -> TrainResult:
+           dist: Dist, search: dict) -> TrainResult:
     data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files,
                    runtime.device.type == "cuda", project, dist, key=f"train.{variant}.val_fraction",
                    test=cfg.test_each_epoch)
+    cfg = data.cfg  # batch_size / epochs: auto resolved for the images that train
     classes = data.classes
     weights = params.model.weights if cfg.init == "pretrained" else "none"
     model = build_model(params.model.arch, weights_path(weights, project), len(classes))
@@ -130,15 +134,15 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
         tracker = runs.MlflowCallback([EpochStats(**s) for s in checkpoint["history"]] if checkpoint else ())
         fitted = fit(model, data, cfg, runtime, out, fingerprint=fingerprint, checkpoint=checkpoint,
                      extra={"mlflow_run_id": run_id, "settings": settings},
-                     callbacks=[tracker] if dist.main else (), dist=dist)
+                     callbacks=[tracker] if dist.main else (), dist=dist, key=f"train.{variant}")
         chosen = fitted.selected
         # The kept weights once more on validation: the predictions picture (every process takes part).
         probs, truth = predict_all(model, data.val, runtime, dist) if data.val is not None else (None, None)
         if dist.main:
-            scores = selected_scores(fitted)
+            scores = selected_scores(fitted) | validation_score(search, fitted, n_val)
             save_final(out / "model.pt", model, classes, params.model.arch, settings, fingerprint=fingerprint,
                        mlflow_run_id=run_id, **scores)
-            write_outputs(paths, project, fitted, scores, data.train_images, n_val)
+            write_outputs(paths, project, fitted, scores, data.train_images, n_val, search)
             # The outputs first: a tracking outage or a refused artifact then costs no training (the
             # rerun resumes after the last epoch and logs only what the run misses).
             runs.log_results(model, data.val_set, probs, truth, classes, params, project / paths.metrics, tracker,
@@ -147,6 +151,18 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
             remove_checkpoint(out)  # after the record: a crash in between leaves a complete run
     log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)
     return TrainResult(variant, chosen.val_acc, fitted.history, run_id, out / "model.pt")
+
+
+def validation_score(search: dict, fitted: Fitted, n_val: int) -> dict:
+    """What the variant is judged by before the test: its kept epoch on the validation split,
+    or (after a cross-validated search, which leaves no split) the folds' mean and spread."""
+    if search.get("enabled") and search.get("method") == CROSS_VALIDATION:
+        return {"val_acc": search["val_acc"], "val_loss": search["val_loss"], "val_acc_sd": search["val_acc_sd"],
+                "val_source": CROSS_VALIDATION, "val_folds": search["folds"], "val_images": search["val_images"],
+                "lr": search["lr"]}
+    if fitted.selected.val_acc is None:
+        return {}
+    return {"val_source": "validation", "val_images": n_val} | ({"lr": search["lr"]} if search.get("enabled") else {})
 
 
 def selected_scores(fitted: Fitted) -> dict:
@@ -174,16 +190,22 @@ def write_validation_files(out: Path, files: list[tuple[str, str]]) -> None:
     write_atomic(out / VALIDATION_FILES, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def write_outputs(paths: Paths, project: Path, fitted: Fitted, scores: dict, n_train: int, n_val: int) -> None:
+def write_outputs(paths: Paths, project: Path, fitted: Fitted, scores: dict, n_train: int, n_val: int,
+                  search: dict | None = None) -> None:
     """The metrics JSON (dvc metrics: ``scores``, the kept epoch's, see selected_scores) and
-    per-epoch plot data (dvc plots)."""
+    per-epoch plot data (dvc plots; after a cross-validated search, which leaves no split, the
+    validation columns are the folds' mean curve at the chosen lr)."""
     history, last = fitted.history, fitted.history[-1]
-    metrics = {k: v for k, v in scores.items() if v is not None} | {
+    metrics = {k: v for k, v in scores.items() if v is not None and not isinstance(v, str)} | {
         "train_acc": last.train_acc, "images_per_s": round(sum(s.images_per_s for s in history) / len(history), 1),
-        "train_images": n_train, "val_images": n_val}
+        "train_images": n_train, "val_images": scores.get("val_images", n_val)}
     write_atomic(project / paths.metrics, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     frame = pd.DataFrame([{k: v for k, v in asdict(s).items() if k != "lrs"} for s in history])
-    frame = frame.dropna(axis="columns", how="all")  # test_acc only when asked for; val_* only with validation
+    if search and search.get("method") == CROSS_VALIDATION:
+        curve = pd.DataFrame(search["curve"])[["epoch", "val_acc", "val_loss"]]
+        frame = frame.drop(columns=["val_acc", "val_loss"]).merge(curve, on="epoch", how="left")
+    frame = frame.drop(columns=["val_classes"]).dropna(axis="columns", how="all")
+    # test_acc only when asked for; val_* only with validation
     write_atomic(project / paths.plots, lambda tmp: frame.to_csv(tmp, index=False))
 
 
@@ -193,6 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for model.pt and checkpoints")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--plots", type=Path, required=True, help="per-epoch CSV to write")
+    parser.add_argument("--search", type=Path, help="the search@<variant> stage's JSON (the chosen lr)")
 
 
 def run(params: Params, args: argparse.Namespace) -> int | None:
@@ -207,10 +230,11 @@ def run(params: Params, args: argparse.Namespace) -> int | None:
         # The same command again, in nproc processes under torchrun (this process only waits).
         command = distributed.torchrun_command(nproc, [
             "finetune.stages.train", "--params", str(args.params), args.variant, "--out", str(args.out),
-            "--metrics", str(args.metrics), "--plots", str(args.plots)])
+            "--metrics", str(args.metrics), "--plots", str(args.plots),
+            *(["--search", str(args.search)] if args.search else [])])
         print(f"train {args.variant}: DistributedDataParallel over {nproc} processes: {' '.join(command)}", flush=True)
         return subprocess.call(command)
-    result = train_variant(params, args.variant, Paths(args.out, args.metrics, args.plots))
+    result = train_variant(params, args.variant, Paths(args.out, args.metrics, args.plots, args.search))
     if result.run_id:  # under torchrun rank 0 alone reports
         score = "no validation split" if result.val_acc is None else f"validation accuracy {result.val_acc:.4f}"
         print(f"{result.variant}: {score} -> {result.model_path} (MLflow run {result.run_id})")

@@ -1,8 +1,11 @@
-"""`python -m finetune doctor`: do dvc.lock, models/, the MLflow runs and the registry agree?
+"""`python -m finetune doctor`: do dvc.lock, models/, the MLflow runs and the registry agree, and
+do the registered models do better than chance on the current test split?
 
 Each check that fails gives one :class:`Finding`: what is wrong and the exact command that repairs
 it. Notes (``fatal=False``) are printed but do not fail the check: a training run lost with the
-store, for a model that is not registered, costs its history, not the model.
+store, for a model that is not registered, costs its history, not the model; a register that
+registered nothing, or a candidate at chance (the gate refuses it), leaves nothing broken. A
+production at chance fails the check: it serves answers no better than guessing.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from mlflow.tracking import MlflowClient
 from finetune.config import Params
 from finetune.model.classifier import read_final
 from finetune.tracking.registry import CANDIDATE, PRODUCTION, registered_versions, run_exists
-from finetune.tracking.serving import load_served
+from finetune.tracking.serving import evaluate_registered, load_served
 from finetune.tracking.store import use_store
 
 REGISTER = "dvc repro --force --single-item register"
 # A version whose files are broken is not replaced by REGISTER (it reuses the same training's version).
 REREGISTER = "python -m finetune.stages.register --models models --new-version"
+RETRAIN = ("train variants that learn (more epochs or train images, train: in params.yaml), then `dvc repro`; "
+           "the gate promotes a candidate only if it beats chance")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ def diagnose(params: Params, project: Path = Path(".")) -> list[Finding]:
     for variant, path in _model_files(params, project).items():
         findings += _check_model(client, project, variant, path, fingerprints)
     findings += _check_record(client, params, project)
-    findings += _check_aliases(client, name, project)
+    findings += _check_aliases(client, params, project)
     return findings
 
 
@@ -98,6 +103,9 @@ def _check_record(client, params: Params, project: Path) -> list[Finding]:
         return [Finding(f"dvc.lock records the register stage but {params.register_.record} is missing",
                         REGISTER)] if done else []
     document = json.loads(record.read_text())
+    if not document.get("registered", True):
+        return [Finding(f"the last register stage registered nothing ({params.register_.record}): "
+                        f"{document.get('reason', 'no reason recorded')}", RETRAIN, fatal=False)]
     name, version = document.get("model_name"), str(document.get("version"))
     if version not in registered_versions(client, name):
         return [Finding(f"{params.register_.record} names {name} version {version}, which is not in the "
@@ -110,9 +118,11 @@ def _check_record(client, params: Params, project: Path) -> list[Finding]:
     return []
 
 
-def _check_aliases(client, name: str, project: Path) -> list[Finding]:
-    """``candidate`` and ``production`` point at versions whose model loads."""
-    findings, readable = [], None
+def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
+    """``candidate`` and ``production`` point at versions whose model loads and does better than
+    chance on the current test split."""
+    name = params.register_.model_name
+    findings = []
     try:
         aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
@@ -122,6 +132,7 @@ def _check_aliases(client, name: str, project: Path) -> list[Finding]:
             continue
         why = _unreadable(f"models:/{name}/{aliases[alias]}", project)
         if why is None:
+            findings += _check_chance(params, project, alias, aliases[alias])
             continue
         if alias == CANDIDATE:
             findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REREGISTER))
@@ -131,6 +142,26 @@ def _check_aliases(client, name: str, project: Path) -> list[Finding]:
                   if readable else f"{REREGISTER}, then python -m finetune promote --force")
         findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", repair))
     return findings
+
+
+def _check_chance(params: Params, project: Path, alias: str, version: str) -> list[Finding]:
+    """The version ``alias`` points at, scored on the current test split, against chance
+    (evaluate.chance_p): at chance is a note for the candidate (the gate refuses it) and a
+    failure for production (it serves answers no better than guessing)."""
+    label = f"{params.register_.model_name}@{alias} (v{version})"
+    try:
+        chance = evaluate_registered(params, f"models:/{params.register_.model_name}/{version}", project).chance
+    except Exception as err:  # the model loads (checked before): the test split is what is missing
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return [Finding(f"{label} could not be tested against chance on the current test split: {why}",
+                        "dvc repro validate (the test split's file list, validate.files)", fatal=False)]
+    if chance.above:
+        return []
+    problem = f"{label} did {chance.reason()} on the current test split ({chance.right} of {chance.images} right)"
+    if alias == CANDIDATE:
+        return [Finding(f"{problem}; the gate never promotes it", RETRAIN, fatal=False)]
+    return [Finding(f"{problem}: it serves answers no better than always giving the largest class",
+                    f"{RETRAIN}; or python -m finetune promote --version N, naming a version that beats chance")]
 
 
 def _unreadable(uri: str, project: Path) -> str | None:

@@ -43,22 +43,26 @@ def log_evaluation(results: list[VariantEval], comparison: dict, project: Path, 
 
 def log_variant(client: MlflowClient, result: VariantEval) -> None:
     """``eval_*`` metrics and the run's description: "finetune: test accuracy 0.912; kept epoch 4
-    of 5 (best: validation accuracy 0.930)"."""
+    of 5 (best: validation accuracy 0.930)", and "no better than chance (...)" when so."""
     now = int(time.time() * 1000)
     client.log_batch(result.run_id, metrics=[mlflow.entities.Metric(f"eval_{k}", float(v), now, 0)
                                              for k, v in result.metrics.items()])
     kept = client.get_run(result.run_id).data.tags.get(SELECTION_TAG)
     line = f"{result.name}: test accuracy {result.metrics['accuracy']:.3f}" + (f"; {kept}" if kept else "")
+    if result.chance is not None and not result.chance.above:
+        line += f"; {result.chance.reason()}"
     client.set_tag(result.run_id, NOTE_TAG, line)
 
 
 def log_to_parent(client: MlflowClient, parent: str, results, comparison: dict, files: list[Path]) -> None:
     """The comparison's numbers as metrics of the parent run (``finetune.accuracy``,
-    ``scratch.accuracy``, ``delta.accuracy``, ...), the verdict as its description, the report
+    ``scratch.accuracy``, ``delta.accuracy``, ``finetune.chance_p_value``, ...), the verdict
+    (:func:`verdict_line`, the report's own) as its description, the report
     and plots as its artifacts (``evaluation/``); then its end time is now."""
     values = {f"{r.name}.{k}": v for r in results for k, v in r.metrics.items()}
     values |= {f"delta.{k}": v for k, v in comparison["delta"].items()}
     values["mcnemar_p_value"] = comparison["mcnemar"]["p_value"]
+    values |= {f"{r.name}.chance_p_value": r.chance.p_value for r in results if r.chance is not None}
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in values.items()])
     # The report's own first line (reports/evaluate.md), so both say the same.

@@ -1,6 +1,7 @@
-"""The MLflow model registry: register the winning variant as ``candidate`` (the register stage's
-work), promote it to ``production`` through a gate, roll back. Aliases only (registry stages are
-deprecated in MLflow 3).
+"""The MLflow model registry: register the compared variant that validates best, of those above
+chance on the test split, as ``candidate`` (the register stage's work), promote it to
+``production`` through a gate whose first rule is the same floor, roll back. Aliases only
+(registry stages are deprecated in MLflow 3).
 
 Every decision is recorded twice: as tags on the versions involved and as one JSON line in the
 promotion log, an artifact of the run ``registry-<model name>`` (in the experiment
@@ -14,7 +15,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,15 @@ from mlflow.tracking import MlflowClient
 from finetune.config import Params
 from finetune.data.lineage import data_version, git_commit
 from finetune.errors import FinetuneError
-from finetune.evaluate.metrics import better, choose_by_validation, winner
+from finetune.evaluate.metrics import (
+    VariantEval,
+    above_chance,
+    better,
+    choose_by_validation,
+    chance_words,
+    validation_uncertainty,
+    winner,
+)
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
 from finetune.tracking.serving import evaluate_registered, log_classifier
@@ -40,6 +49,11 @@ log = logging.getLogger(__name__)
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY_TAG = "production_history"
 LOG_TAG, LOG_FILE = "finetune.registry_log", "promotions.jsonl"
+# A compared variant's test against chance, as the evaluate stage's metrics hold it and the
+# register record repeats it; CHANCE_WORDS in the order chance_words takes them.
+CHANCE_KEYS = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "chance_accuracy", "chance_p_value",
+               "above_chance")
+CHANCE_WORDS = ("accuracy", "chance_accuracy", "chance_p_value")
 
 
 class RegistryError(FinetuneError):
@@ -48,15 +62,34 @@ class RegistryError(FinetuneError):
 
 @dataclass(frozen=True)
 class Registration:
-    """The version the register stage made (or found: the same model registered before)."""
+    """What the register stage did (its record, register.record): the version it made or found
+    (the same model registered before), or ``registered: false`` and why (no compared variant
+    beat chance). ``uncertainty``: of ``value`` (see ``validation_uncertainty``); ``chance``: each
+    compared variant's test against chance, from the evaluate stage's metrics."""
 
     model_name: str
-    version: str
-    variant: str
-    run_id: str
+    version: str | None
+    variant: str | None
+    run_id: str | None
     metric: str
-    value: float
+    value: float | None
     reused: bool
+    registered: bool = True
+    reason: str = ""
+    uncertainty: dict | None = None
+    chance: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The compared variant to register (None: none beat chance), the score it was chosen by,
+    that score's uncertainty, and why, in words."""
+
+    variant: str | None
+    metric: str
+    value: float | None
+    uncertainty: dict | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -80,16 +113,35 @@ class Decision:
 
 
 def register_candidate(params: Params, models: Path, project: Path = Path("."), reuse: bool = True) -> Registration:
-    """Register the winning variant's model as a new version with the alias ``candidate``; with
-    ``reuse``, a version of the same training (fingerprint) whose run exists is taken instead
-    (``reuse=False`` replaces one whose files in the artifact store are broken)."""
+    """Register the chosen variant's model (:func:`choose_variant`) as a new version with the alias
+    ``candidate``; with ``reuse``, a version of the same training (fingerprint) whose run exists
+    is taken instead (``reuse=False`` replaces one whose files in the artifact store are broken).
+    When no compared variant beat chance nothing is registered, the aliases are left as they
+    are, and the record says why. The record (register.record) is written either way."""
     cfg = params.register_
     metrics_file = project / params.evaluate.metrics
     if not metrics_file.exists():
         raise RegistryError(f"{metrics_file} (evaluate.metrics) does not exist: run `dvc repro evaluate` first.")
     document = json.loads(metrics_file.read_text())
-    variant, metric, value = choose_variant(params, document, project / models)
-    checkpoint = project / models / variant / "model.pt"
+    choice = choose_variant(params, document, project / models)
+    floors = {name: {k: document[name][k] for k in CHANCE_KEYS} for name in compared(params)}
+    if choice.variant is None:
+        result = Registration(cfg.model_name, None, None, None, choice.metric, None, False, registered=False,
+                              reason=choice.reason, chance=floors)
+    else:
+        version, run_id, reused = _register_version(params, project, project / models / choice.variant, document,
+                                                    reuse)
+        result = Registration(cfg.model_name, str(version), choice.variant, run_id, choice.metric, choice.value,
+                              reused, reason=choice.reason, uncertainty=choice.uncertainty, chance=floors)
+    write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
+    return result
+
+
+def _register_version(params: Params, project: Path, folder: Path, document: dict, reuse: bool):
+    """(version, run id, reused): ``folder``/model.pt registered (or its earlier version found),
+    with the alias ``candidate``."""
+    cfg = params.register_
+    checkpoint = folder / "model.pt"
     classifier = load_classifier(checkpoint)
     run_id, fingerprint = classifier.info.get("mlflow_run_id"), classifier.info.get("fingerprint")
     use_store(project)
@@ -97,31 +149,65 @@ def register_candidate(params: Params, models: Path, project: Path = Path("."), 
     version = _version_with(client, cfg.model_name, fingerprint) if reuse else None
     reused = version is not None
     if version is None:
-        tags = version_tags(params, project, variant, run_id, fingerprint, document[variant])
+        tags = version_tags(params, project, folder.name, run_id, fingerprint, document[folder.name])
         version = _new_version(client, params, project, checkpoint, run_id, tags)
     client.set_registered_model_alias(cfg.model_name, CANDIDATE, version.version)
-    run_id = version.tags.get("run_id") or run_id  # the run the model was logged to
-    result = Registration(cfg.model_name, str(version.version), variant, run_id, metric, value, reused)
-    write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
-    return result
+    return version.version, version.tags.get("run_id") or run_id, reused  # the run the model was logged to
 
 
-def choose_variant(params: Params, document: dict, models: Path) -> tuple[str, str, float]:
-    """(variant, metric, value): the compared variant with the best validation accuracy of its
-    kept epoch (validation watches, test judges: the test metrics are reported, not used to
-    choose). Only when a variant trained without a validation split does ``register.metric`` on
-    the test split decide, with a warning."""
-    names = [params.evaluate.challenger, params.evaluate.baseline]
-    infos = {name: read_final(models / name / "model.pt") for name in names}
+def compared(params: Params) -> list[str]:
+    """The compared variants, challenger first: the only ones register chooses from."""
+    return [params.evaluate.challenger, params.evaluate.baseline]
+
+
+def choose_variant(params: Params, document: dict, models: Path) -> Choice:
+    """The compared variant to register: of those above chance on the test split (the evaluate
+    metrics' ``above_chance``), the one with the best validation accuracy of its kept epoch, a
+    tie going to the lower validation loss, then to the challenger (validation watches, test
+    judges: test metrics are reported, not used to choose). Only when a variant trained without
+    a validation split does ``register.metric`` on the test split decide, with a warning. None
+    when no compared variant beat chance: a model that did not learn is never a candidate."""
+    names = compared(params)
+    failed = [name for name in names if not above_chance(document[name])]
+    excluded = " and ".join(f"{name} did {chance_words(*(document[name][k] for k in CHANCE_WORDS))}"
+                            for name in failed)
+    passed = [name for name in names if name not in failed]
+    if not passed:
+        return Choice(None, "val_acc", None, None, f"{excluded} on the test split: nothing is registered, and "
+                      "candidate and production stay as they were")
+    infos = {name: read_final(models / name / "model.pt") for name in passed}
     scores = {name: {"val_acc": info.get("val_acc"), "val_loss": info.get("val_loss")} for name, info in infos.items()}
+    note = f"; {excluded}, so it is not a candidate" if failed else ""
     if all(s["val_acc"] is not None for s in scores.values()):
         variant = choose_by_validation(scores, params.evaluate.challenger)
-        return variant, "val_acc", float(scores[variant]["val_acc"])
+        return Choice(variant, "val_acc", float(scores[variant]["val_acc"]), validation_uncertainty(infos[variant]),
+                      why_chosen(variant, scores) + note)
     metric = params.register_.metric
     log.warning("%s trained without a validation split (val_fraction: 0): choosing the variant by test %s",
                 ", ".join(n for n, s in scores.items() if s["val_acc"] is None), metric)
-    variant = winner({n: document[n] for n in names}, metric, params.evaluate.challenger)
-    return variant, f"test {metric}", float(document[variant][metric])
+    variant = winner({n: document[n] for n in passed}, metric, params.evaluate.challenger)
+    entry = document[variant]
+    uncertainty = None
+    if metric == "accuracy":
+        uncertainty = {"source": "test", "images": document["comparison"]["test_images"],
+                       "ci95": [entry["accuracy_ci95_low"], entry["accuracy_ci95_high"]]}
+    return Choice(variant, f"test {metric}", float(entry[metric]), uncertainty,
+                  f"{variant} has the best test {metric} (no validation split to choose by){note}")
+
+
+def why_chosen(variant: str, scores: dict[str, dict]) -> str:
+    """Why ``variant`` won on validation: the better accuracy, or a tie and what broke it."""
+    if len(scores) == 1:
+        return f"{variant} is the only compared variant above chance"
+    other = next(name for name in scores if name != variant)
+    mine, theirs = scores[variant], scores[other]
+    if mine["val_acc"] != theirs["val_acc"]:
+        return (f"{variant} has the better validation accuracy ({mine['val_acc']:.4f} vs {other}'s "
+                f"{theirs['val_acc']:.4f})")
+    if mine.get("val_loss") != theirs.get("val_loss"):
+        return (f"{variant} and {other} tie on validation accuracy ({mine['val_acc']:.4f}); {variant} has the lower "
+                f"validation loss ({mine['val_loss']:.4f} vs {theirs.get('val_loss')})")
+    return f"{variant} and {other} tie on validation accuracy and loss; the tie goes to the challenger, {variant}"
 
 
 def _version_with(client: MlflowClient, name: str, fingerprint: str | None):
@@ -198,16 +284,22 @@ def _alias(client: MlflowClient, name: str, alias: str):
         raise  # the store unreachable or failing: not the same as "no such alias"
 
 
+def evaluate_version(params: Params, project: Path, version) -> VariantEval:
+    """A registered version scored on the current test split (its metrics and its test against chance)."""
+    return evaluate_registered(params, f"models:/{version.name}/{version.version}", project)
+
+
 def score_version(params: Params, project: Path, version) -> float:
     """``register.metric`` of a registered version on the current test split."""
-    return evaluate_registered(params, f"models:/{version.name}/{version.version}", project).metrics[
-        params.register_.metric]
+    return evaluate_version(params, project, version).metrics[params.register_.metric]
 
 
 def promote(params: Params, project: Path = Path("."), version: str | None = None, force: bool = False) -> Decision:
     """Move ``production`` to the candidate (or ``version``) if it beats production on the same
     test data by at least ``register.min_improvement`` and by more than nothing (or there is no
-    production yet, or ``force``); record the decision either way.
+    production yet, or ``force``); record the decision either way. A candidate that does no
+    better than chance on the current test split (``evaluate.chance_p``) is refused first,
+    whatever production holds and whatever ``force`` says.
 
     An unreadable production (its files corrupted, its run or artifacts gone) is treated as no
     valid production: a readable candidate is promoted, with ``production vN unreadable: <why>``
@@ -249,12 +341,18 @@ def registered_versions(client: MlflowClient, name: str) -> list[str]:
         return []
 
 
-def try_score(params: Params, project: Path, version) -> tuple[float | None, str | None]:
-    """(score, None) for a version that loads and scores, (None, why) for one that does not."""
+def try_evaluate(params: Params, project: Path, version) -> tuple[VariantEval | None, str | None]:
+    """(scores, None) for a version that loads and scores, (None, why) for one that does not."""
     try:
-        return score_version(params, project, version), None
+        return evaluate_version(params, project, version), None
     except Exception as err:  # corrupted files, a missing run or artifact: all mean "unreadable"
         return None, (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def try_score(params: Params, project: Path, version) -> tuple[float | None, str | None]:
+    """(score, None) for a version that loads and scores, (None, why) for one that does not."""
+    scored, why = try_evaluate(params, project, version)
+    return (scored.metrics[params.register_.metric] if scored else None), why
 
 
 def _decide(params: Params, project: Path, candidate, production, force: bool) -> Decision:
@@ -266,13 +364,19 @@ def _decide(params: Params, project: Path, candidate, production, force: bool) -
         return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
                         candidate_score=None, production_score=None,
                         reason=f"version {candidate.version} is already production", **base)
-    cand_score, why = try_score(params, project, candidate)
+    scored, why = try_evaluate(params, project, candidate)
     if why is not None:
         raise RegistryError(f"version {candidate.version} of {cfg.model_name} is unreadable ({why}): it is not "
                             "promoted. Register a readable model (`dvc repro --force --single-item register`) or "
                             "name another version (`python -m finetune promote --version N`); "
                             "`python -m finetune doctor` lists what is wrong.")
-    base["candidate_score"] = cand_score
+    cand_score = base["candidate_score"] = scored.metrics[cfg.metric]
+    kept = str(production.version) if production is not None else None
+    if not scored.chance.above:
+        # The floor comes before everything, --force included: a model that does no better than
+        # always answering the largest class serves nothing, whatever production holds.
+        return Decision("refused", production_before=kept, production_after=kept, production_score=None,
+                        reason=chance_refusal(candidate.version, scored, force), **base)
     if production is None:
         return Decision("promoted", production_before=None, production_after=str(candidate.version), production_score=None,
                         reason="no production version yet", **base)
@@ -281,7 +385,7 @@ def _decide(params: Params, project: Path, candidate, production, force: bool) -
         reason = (f"production v{production.version} unreadable: {why}; treated as no valid production, "
                   f"v{candidate.version} promoted ({cfg.metric} {cand_score:.4f})")
         log.warning("%s", reason)
-        return Decision("promoted", production_before=str(production.version), production_after=str(candidate.version),
+        return Decision("promoted", production_before=kept, production_after=str(candidate.version),
                         production_score=None, reason=f"forced: {reason}" if force else reason, **base)
     gain = better(cfg.metric, cand_score, prod_score)
     passed = gain > 0 and gain >= cfg.min_improvement
@@ -289,11 +393,17 @@ def _decide(params: Params, project: Path, candidate, production, force: bool) -
                f"(production v{production.version}) on the same test data: gain {gain:+.4f}, "
                f"required > 0 and >= {cfg.min_improvement}")
     if passed or force:
-        reason = numbers if passed else f"forced: {numbers}"
-        return Decision("promoted", production_before=str(production.version), production_after=str(candidate.version),
-                        production_score=prod_score, reason=reason, **base)
-    return Decision("refused", production_before=str(production.version), production_after=str(production.version),
+        return Decision("promoted", production_before=kept, production_after=str(candidate.version),
+                        production_score=prod_score, reason=numbers if passed else f"forced: {numbers}", **base)
+    return Decision("refused", production_before=kept, production_after=kept,
                     production_score=prod_score, reason=numbers, **base)
+
+
+def chance_refusal(version: str, scored: VariantEval, force: bool) -> str:
+    """The recorded reason for refusing a candidate at chance on the current test split."""
+    return (f"candidate v{version} did {scored.chance.reason()} on the current test split "
+            f"({scored.chance.right} of {scored.chance.images} right): a model at chance is never promoted"
+            + (", and --force does not override this floor" if force else ""))
 
 
 def rollback(params: Params, project: Path = Path(".")) -> Decision:

@@ -136,6 +136,8 @@ def log_missing_epochs(run_id: str, history: Sequence[EpochStats]) -> int:
     for stats in missing:  # one request per epoch: all its metrics or none
         values = epoch_metrics(stats).items()
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, stats.epoch) for k, v in values])
+    for failure in {s.failure for s in missing if s.failure}:  # e.g. collapsed: "1, 2" (never kept)
+        client.set_tag(run_id, failure, ", ".join(str(s.epoch) for s in history if s.failure == failure))
     return len(missing)
 
 
@@ -147,6 +149,7 @@ def epoch_metrics(stats: EpochStats) -> dict[str, float]:
     values |= {name: value for name, value in (("val_loss", stats.val_loss), ("val_acc", stats.val_acc),
                                                ("test_acc", stats.test_acc)) if value is not None}
     values |= lr_metrics(stats.lrs)
+    values["failed"] = 1.0 if stats.failure else 0.0  # diverged or collapsed (the run's tags say which)
     if stats.features_seconds:
         values["features_seconds"] = stats.features_seconds
     return values
@@ -271,7 +274,8 @@ def log_results(model, val_ds, probs, truth, classes, params: Params, metrics_fi
         run = MlflowClient().get_run(run_id)
         logged = run.data.metrics
         describe_run(run.data.tags.get("variant", ""), selected, params)
-        kept = {f"selected.{k}": float(v) for k, v in selected.items() if v is not None and k != "stopped_early_at"}
+        kept = {f"selected.{k}": float(v) for k, v in selected.items()
+                if v is not None and k != "stopped_early_at" and not isinstance(v, str)}
         if kept and not kept.keys() <= logged.keys():
             mlflow.log_metrics(kept)
         if probs is not None:
@@ -302,6 +306,10 @@ def selection_words(selected: dict, cfg: TrainConfig | None) -> str:
     stopped = f", early stopping after epoch {selected['stopped_early_at']}" if selected.get("stopped_early_at") else ""
     if selected.get("val_acc") is None:
         return f"{words} (the last; no validation split){stopped}"
+    if selected.get("val_source") == "cross-validation":
+        spread = f" ± {selected['val_acc_sd']:.3f}" if selected.get("val_acc_sd") is not None else ""
+        return (f"{words} (every train image, the epochs and lr chosen by {selected.get('val_folds')}-fold "
+                f"cross-validation: validation accuracy {selected['val_acc']:.3f}{spread})")
     how = "the last" if cfg is not None and cfg.select == "last" else "best"
     by = f"validation loss {selected['val_loss']:.4f}" if cfg is not None and cfg.monitor == "val_loss" \
         else f"validation accuracy {selected['val_acc']:.3f}"

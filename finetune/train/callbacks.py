@@ -26,6 +26,8 @@ class EpochStats:
     val_loss: float | None = None
     val_acc: float | None = None
     test_acc: float | None = None
+    val_classes: int | None = None  # distinct classes predicted on validation (1: collapsed)
+    failure: str | None = None  # diverged | collapsed: never kept (finetune/train/health.py)
 
 
 class Callback:

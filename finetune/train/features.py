@@ -22,6 +22,7 @@ from torch import nn
 
 from finetune.train.callbacks import EpochStats
 from finetune.train.distributed import Dist
+from finetune.train.health import predicted_classes
 from finetune.train.runtime import Runtime, autocast, to_device
 from finetune.train.strategy import group_lrs
 
@@ -117,8 +118,11 @@ def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: in
     scores = {}
     with torch.inference_mode():
         for name, (inputs, labels) in features.watched.items():
-            loss_sum, right, n = split_scores(model.fc(inputs).float().softmax(1), labels)
+            probs = model.fc(inputs).float().softmax(1)
+            loss_sum, right, n = split_scores(probs, labels)
             scores |= {f"{name}_loss": loss_sum / max(n, 1), f"{name}_acc": right / max(n, 1)}
+            if name == "val":
+                scores["val_classes"] = int((predicted_classes(probs) > 0).sum())
     scores.pop("test_loss", None)
     return EpochStats(epoch, total_loss / max(seen, 1), correct / max(seen, 1), seen / max(seconds, 1e-9), seconds,
                       lrs, **scores)

@@ -23,6 +23,7 @@ from finetune.data.images import FileListDataset, eval_transform, load_splits, t
 from finetune.data.lineage import data_version
 from finetune.train.augment import CropDataset, augment_where
 from finetune.train.distributed import SINGLE, Dist
+from finetune.train.recipe import fit_recipe
 from finetune.train.runtime import pick_device, worker_count
 from finetune.train.subsets import split_validation
 
@@ -45,14 +46,20 @@ class Loaders:
     train_images: int
     crop: int = 0  # model.train_crop (what a compiled graph depends on)
     cache_dir: Path | None = None  # <project>/<cache.dir>: the decode cache and the persistent inductor cache
+    cfg: TrainConfig | None = None  # the recipe fitted to train_images (batch_size / epochs: auto resolved)
+    probe: DataLoader | None = None  # without validation: the train images, test transform (collapse check)
 
 
 def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: bool, project: Path = Path("."),
             dist: Dist = SINGLE, *, key: str = "train.val_fraction", test: bool = False,
-            subset: Callable[[list[int], list[int]], list[int]] | None = None) -> Loaders:
+            subset: Callable[[list[int], list[int]], list[int]] | None = None,
+            split: tuple[list[int], list[int]] | None = None) -> Loaders:
     """Loaders over the file list of ``root`` (see :class:`Loaders`); ``cfg.val_fraction`` of
     each class is held out by ``cfg.seed`` (``key`` names that setting in errors), and
-    ``subset(labels, train_indices)`` may narrow what trains (the study's fractions).
+    ``subset(labels, train_indices)`` may narrow what trains (the study's fractions), and
+    ``split`` (train, validation indices into the train list) replaces the held-out share (the
+    search's cross-validation folds, finetune/train/subsets.py). The recipe
+    fitted to the images that train (finetune/train/recipe.py) is ``Loaders.cfg``: train with it.
 
     With ``cfg.decode_cache`` they read the decode cache (built here first if missing). Under
     torchrun each process gets a DistributedSampler share of train and the strided share
@@ -60,9 +67,10 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     m = params.model
     train_files, test_ds, classes = load_splits(
         root, files_csv, train_transform(m.train_crop), eval_transform(m.test_resize, m.test_crop, m.resize_mode))
-    train_idx, val_idx = split_validation(train_files.labels, cfg.val_fraction, cfg.seed, classes, key)
+    train_idx, val_idx = split or split_validation(train_files.labels, cfg.val_fraction, cfg.seed, classes, key)
     if subset is not None:
         train_idx = subset(train_files.labels, train_idx)
+    cfg = fit_recipe(cfg, len(train_idx), key.rsplit(".", 1)[0])
     crops = None  # augment_on device: workers slice boxes, to_device crops them (finetune/train/augment.py)
     if cfg.decode_cache:
         train_ds, val_ds, test_ds = decoded_splits(params, train_files, test_ds, project, dist, test)
@@ -87,9 +95,10 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     val = DataLoader(Subset(val_ds, val_idx[dist.rank::dist.world]), **(options | watch)) if val_idx else None
     test_loader = DataLoader(Subset(test_ds, range(dist.rank, len(test_ds), dist.world)),
                              **(options | watch)) if test else None
+    probe = None if val_idx else DataLoader(Subset(val_ds, train_idx[dist.rank::dist.world]), **(options | watch))
     val_files = [(train_files.paths[i], classes[train_files.labels[i]]) for i in val_idx]
     return Loaders(train, val, test_loader, classes, val_files, Subset(val_ds, val_idx), len(train_idx),
-                   m.train_crop, project / params.cache.dir)
+                   m.train_crop, project / params.cache.dir, cfg, probe)
 
 
 def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist = SINGLE, with_test: bool = False):

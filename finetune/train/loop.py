@@ -35,6 +35,16 @@ from finetune.train.compiling import (
 )
 from finetune.train.distributed import SINGLE, Dist, interleave
 from finetune.train.features import extract_features, head_epoch, split_scores
+from finetune.train.health import (
+    COLLAPSED,
+    DIVERGED,
+    TrainingFailed,
+    mark,
+    one_class,
+    predicted_classes,
+    recalibrate_batchnorm,
+    trainable_batchnorm,
+)
 from finetune.train.loaders import Loaders
 from finetune.train.runtime import Runtime, autocast, predict, to_device
 from finetune.train.selection import Selection
@@ -103,7 +113,7 @@ def train_epoch(model, loader, optimizer, runtime: Runtime, cfg: TrainConfig, pr
 
 def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out_dir: Path, *,
         fingerprint: str, checkpoint: dict | None = None, extra: dict | None = None,
-        callbacks: Sequence[Callback] = (), dist: Dist = SINGLE) -> Fitted:
+        callbacks: Sequence[Callback] = (), dist: Dist = SINGLE, key: str = "train") -> Fitted:
     """Train ``model`` on ``data`` for ``cfg.epochs`` (fewer if early stopping ends it),
     continuing from ``checkpoint`` (see load_checkpoint); ``model`` ends with the selected
     epoch's weights (``cfg.select``).
@@ -115,7 +125,9 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     Each of ``callbacks`` gets every epoch's stats before its checkpoint is written (so that a
     crash in between repeats the epoch rather than losing its record), and the history at the
     end (tracking arrives this way: see finetune/train/callbacks.py). Epochs with a frozen
-    backbone train the head on cached features (``cfg.cached_features``).
+    backbone train the head on cached features (``cfg.cached_features``). An epoch that diverged
+    or collapsed is never kept, and a loss that is not a number ends the training; when no epoch can be kept,
+    TrainingFailed, whose message names the settings under ``key`` (e.g. ``train.scratch``).
     """
     model.to(runtime.device)
     if runtime.channels_last:
@@ -135,11 +147,14 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
                 features = None  # the frozen phase is over: free the cached features before training live
             stats, network, features = _epoch(model, network, features, data, watched, optimizer, runtime, cfg,
                                               epoch, dist)
-            history.append(_report(stats, cfg))
+            history.append(_report(stats, cfg, len(data.classes)))
             selection.update(stats, model)
             for callback in callbacks:
                 callback.on_epoch_end(stats)
-            final = epoch == cfg.epochs or selection.stopped_at is not None
+            # Weights that are not a number are lost for good; a loss spike above diverge_loss is
+            # marked (never kept) but may recover, so training goes on.
+            lost = stats.failure == DIVERGED and not math.isfinite(stats.train_loss)
+            final = epoch == cfg.epochs or selection.stopped_at is not None or lost
             if checkpoints is not None and checkpoints.due(final):
                 checkpoints.save({
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -147,10 +162,14 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
                     "history": [asdict(s) for s in history], "rng": rng_state(), "extra": extra or {},
                 })
             dist.barrier()
+            if lost:
+                break
     finally:
         if checkpoints is not None:
             checkpoints.wait()  # the last epoch's checkpoint is on disk before anything reads or reports it
-    return _finish(model, history, selection, callbacks)
+    if data.val is None and history and not history[-1].failure and cfg.judge_epochs:
+        probe_last_epoch(model, data, history[-1], runtime, cfg, dist)
+    return _finish(model, history, selection, callbacks, key)
 
 
 def _epoch(model: nn.Module, network: nn.Module | None, features, data: Loaders, watched: dict, optimizer,
@@ -175,11 +194,29 @@ def _epoch(model: nn.Module, network: nn.Module | None, features, data: Loaders,
     return run_epoch(network, model, data.train, watched, optimizer, runtime, cfg, epoch, dist), network, None
 
 
+def probe_last_epoch(model: nn.Module, data: Loaders, last: EpochStats, runtime: Runtime, cfg: TrainConfig,
+                     dist: Dist) -> None:
+    """Without a validation split nothing watched the epochs: the last one (which ``select: last``
+    keeps) is checked for collapse on the train images through the test transform."""
+    if data.probe is None:
+        return
+    scores = watch(model, "val", data.probe, data.train, runtime, cfg, dist)
+    if scores["val_classes"] == 1:
+        last.failure = COLLAPSED
+        log.warning("epoch %d collapsed (one class predicted for every train image; lr %s): never kept",
+                    last.epoch, ", ".join(f"{g} {lr:.3g}" for g, lr in last.lrs.items()))
+
+
 def _finish(model: nn.Module, history: list[EpochStats], selection: Selection,
-            callbacks: Sequence[Callback]) -> Fitted:
-    """Put the selected epoch's weights into ``model``; tell the callbacks; what was kept."""
+            callbacks: Sequence[Callback], key: str = "train") -> Fitted:
+    """Put the selected epoch's weights into ``model``; tell the callbacks; what was kept.
+    TrainingFailed (after the callbacks had the history) when no epoch can be kept."""
     selection.restore(model)
-    chosen = selection.selected_epoch(history[-1].epoch)
+    chosen = selection.selected_epoch(history[-1])
+    if chosen is None:
+        for callback in callbacks:
+            callback.on_fit_end(history)
+        raise TrainingFailed(history, key)
     if selection.stopped_at is not None:
         log.info("early stopping after epoch %d: no gain in %s for %d epochs", selection.stopped_at,
                  selection.monitor, selection.patience)
@@ -234,22 +271,39 @@ def run_epoch(network, model, train_loader, watched: dict, optimizer, runtime: R
     scores = {}
     for name, loader in watched.items():
         if loader is not None:
-            probs, truth = predict(model, loader, runtime, cfg.max_steps)
-            split_loss, right, n = dist.sum(list(split_scores(probs, truth)))
-            scores |= {f"{name}_loss": split_loss / max(n, 1), f"{name}_acc": right / max(n, 1)}
+            scores |= watch(model, name, loader, train_loader, runtime, cfg, dist)
     scores.pop("test_loss", None)
     return EpochStats(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), seen / seconds, seconds, lrs, **scores)
 
 
-def _report(stats: EpochStats, cfg: TrainConfig) -> EpochStats:
-    """Log an epoch's one summary line; stop on a loss that is not a number."""
+def watch(model, name: str, loader, train_loader, runtime: Runtime, cfg: TrainConfig, dist: Dist = SINGLE) -> dict:
+    """``<name>_loss``, ``<name>_acc`` of ``model`` on ``loader`` (each process its share, summed),
+    and for validation ``val_classes``: how many classes it predicts. One class predicted for
+    every image is first checked against stale BatchNorm statistics: they are recomputed over
+    ``train_loader`` and the split scored again (finetune/train/health.py)."""
+    probs, truth = predict(model, loader, runtime, cfg.max_steps)
+    counts = dist.sum(predicted_classes(probs).tolist())
+    if name == "val" and cfg.judge_epochs and one_class(torch.tensor(counts)) and trainable_batchnorm(model):
+        with autocast(runtime):
+            layers = recalibrate_batchnorm(model, (to_device(i, y, runtime)[0] for i, y in train_loader))
+        log.info("%s: one class predicted for every image; BatchNorm statistics of %d layers recomputed over "
+                 "the train images", name, layers)
+        probs, truth = predict(model, loader, runtime, cfg.max_steps)
+        counts = dist.sum(predicted_classes(probs).tolist())
+    split_loss, right, n = dist.sum(list(split_scores(probs, truth)))
+    scores = {f"{name}_loss": split_loss / max(n, 1), f"{name}_acc": right / max(n, 1)}
+    if name == "val":
+        scores["val_classes"] = sum(1 for c in counts if c > 0)
+    return scores
+
+
+def _report(stats: EpochStats, cfg: TrainConfig, classes: int) -> EpochStats:
+    """Log an epoch's one summary line; mark it diverged or collapsed (finetune/train/health.py)."""
     watched = "".join(f", {name} {value:.3f}" for name, value in (
         ("val loss", stats.val_loss), ("val acc", stats.val_acc), ("test acc", stats.test_acc)) if value is not None)
     log.info("epoch %d/%d: train loss %.4f, train acc %.3f%s, %.1f img/s, %.2f s", stats.epoch, cfg.epochs,
              stats.train_loss, stats.train_acc, watched, stats.images_per_s, stats.seconds)
-    if not math.isfinite(stats.train_loss):
-        raise FloatingPointError(f"epoch {stats.epoch}: the training loss is {stats.train_loss}; lower train lr")
-    return stats
+    return mark(stats, classes, cfg.diverge_loss, cfg.judge_epochs)
 
 
 def predict_all(model, loader, runtime: Runtime, dist: Dist = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,17 +18,19 @@ from finetune.train.callbacks import EpochStats
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit, predict_all
 from finetune.train.runtime import resolve_runtime, seed_everything
+from finetune.train.search import read_search, tuned
 from finetune.train.subsets import nested_subset
 
 log = logging.getLogger(__name__)
 
 
-def train_and_test(params: Params, variant: str, fraction: float, seed: int, project: Path) -> tuple[dict, list]:
+def train_and_test(params: Params, variant: str, fraction: float, seed: int, project: Path,
+                   search: dict | None = None) -> tuple[dict, list]:
     """Train ``variant`` with ``seed`` on ``fraction`` of each train class; (record, history).
 
-    The record: seed, fraction, variant, train_images, classes, val_acc and selected_epoch of the
-    kept weights, test_acc and ``right`` (1/0 per test image in the file list's order)."""
-    cfg = params.train[variant].model_copy(update={"seed": seed})
+    The record: seed, fraction, variant, lr (the one its search chose), train_images, classes,
+    val_acc and selected_epoch of the kept weights, test_acc and ``right`` (1/0 per test image in the file list's order)."""
+    cfg = tuned(params.train[variant], search or {}).model_copy(update={"seed": seed})
     seed_everything(seed, cfg.deterministic)
     runtime = resolve_runtime(cfg)
     data = loaders(params, cfg, project / params.data.dir, project / params.validate_.files,
@@ -37,10 +39,10 @@ def train_and_test(params: Params, variant: str, fraction: float, seed: int, pro
     weights = params.model.weights if cfg.init == "pretrained" else "none"
     model = build_model(params.model.arch, weights_path(weights, project), len(data.classes))
     with tempfile.TemporaryDirectory(prefix="study-") as scratch:  # checkpoints: a study run does not resume
-        fitted = fit(model, data, cfg, runtime, Path(scratch), fingerprint=f"study-{variant}-{fraction}-{seed}")
+        fitted = fit(model, data, data.cfg, runtime, Path(scratch), fingerprint=f"study-{variant}-{fraction}-{seed}")
     probs, truth = predict_all(model, data.test, runtime)
     right = (probs.argmax(1) == truth).int().tolist()
-    record = {"seed": seed, "fraction": fraction, "variant": variant, "train_images": data.train_images,
+    record = {"seed": seed, "fraction": fraction, "variant": variant, "lr": cfg.lr, "train_images": data.train_images,
               "classes": len(data.classes), "val_acc": fitted.selected.val_acc,
               "selected_epoch": fitted.selected.epoch, "test_acc": sum(right) / len(right), "right": right}
     log.info("study seed %d, %s on %g of train (%d images): test accuracy %.3f (epoch %d kept)", seed, variant,
@@ -50,12 +52,15 @@ def train_and_test(params: Params, variant: str, fraction: float, seed: int, pro
 
 def study_seed(params: Params, seed: int, project: Path,
                report: Callable[[dict, list[EpochStats]], None] = lambda record, history: None) -> list[dict]:
-    """Every fraction × compared variant with ``seed``, smallest fraction first; ``report`` gets
-    each record and history as it is done (tracking)."""
+    """Every fraction × compared variant with ``seed``, smallest fraction first, each with the
+    values its search chose (``search.out``); ``report`` gets each record and history as it is
+    done (tracking)."""
     records = []
+    variants = (params.evaluate.challenger, params.evaluate.baseline)
+    searches = {v: read_search(project, params.search.out / f"{v}.json", v) for v in variants}
     for fraction in params.study.fractions:
-        for variant in (params.evaluate.challenger, params.evaluate.baseline):
-            record, history = train_and_test(params, variant, fraction, seed, project)
+        for variant in variants:
+            record, history = train_and_test(params, variant, fraction, seed, project, searches[variant])
             report(record, history)
             records.append(record)
     return records

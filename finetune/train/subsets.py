@@ -50,3 +50,30 @@ def nested_subset(labels: Sequence[int], indices: Sequence[int], fraction: float
     for members in _by_class(labels, indices, seed).values():
         chosen.extend(members[:max(1, math.ceil(fraction * len(members)))].tolist())
     return sorted(chosen)
+
+
+def stratified_folds(labels: Sequence[int], k: int, seed: int, classes: Sequence[str],
+                     key: str) -> list[tuple[list[int], list[int]]]:
+    """``k`` (train indices, validation indices) pairs: each class dealt round-robin into ``k``
+    folds after a shuffle by ``seed``, so every image validates exactly once and each fold holds
+    every class in proportion. ConfigError naming ``key`` when a class has fewer than ``k`` images
+    (a fold would miss it) or too few to leave two to train on."""
+    groups = _by_class(labels, range(len(labels)), seed)
+    small = {classes[label]: len(members) for label, members in groups.items() if len(members) < max(k, 3)}
+    if small:
+        raise ConfigError(f"{key}: {k}-fold cross-validation needs at least {max(k, 3)} train images per class; "
+                          f"{small} have fewer. Lower {key} in params.yaml, or add images to those classes.")
+    folds: list[tuple[list[int], list[int]]] = []
+    for fold in range(k):
+        val = sorted(i for members in groups.values() for i in members[fold::k].tolist())
+        held = set(val)
+        folds.append((sorted(i for i in range(len(labels)) if i not in held), val))
+    return folds
+
+
+def validation_per_class(labels: Sequence[int], fraction: float) -> int:
+    """The fewest validation images any class gets from ``fraction`` (as split_validation holds out)."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return min(round(fraction * n) for n in counts.values()) if counts else 0

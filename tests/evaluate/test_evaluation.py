@@ -13,6 +13,7 @@ from models import CLASSES, params, project_with_data, save_variant
 
 from finetune.evaluate.figures import misclassified
 from finetune.evaluate.metrics import better, mcnemar, score, winner
+from finetune.evaluate.report import verdict_line
 from finetune.stages.evaluate import EvalPaths, run_evaluate
 
 
@@ -102,6 +103,20 @@ def test_evaluate_stage_writes_metrics_plots_and_report(evaluated):
     report = (project / cfg.report).read_text()
     assert "| accuracy | 0.7500 | 0.2500 | +0.5000 |" in report
     assert "p = 0.625" in report and "could be luck" in report
+    # Both models give one class for every image: chance (3 of 4 is what "always hotdog" scores).
+    # One-sided exact binomial: 3 or more of 4 at 0.75, and 1 or more of 4 at 0.75.
+    assert document["finetune"]["chance_accuracy"] == 0.75 and document["scratch"]["chance_accuracy"] == 0.75
+    assert document["finetune"]["chance_p_value"] == pytest.approx(0.75 ** 4 + 4 * 0.75 ** 3 * 0.25)
+    assert document["scratch"]["chance_p_value"] == pytest.approx(1 - 0.25 ** 4)
+    assert document["finetune"]["above_chance"] is False and document["scratch"]["above_chance"] is False
+    assert document["finetune"]["accuracy_ci95_low"] == pytest.approx(0.1941, abs=1e-4)  # Clopper-Pearson, 3 of 4
+    assert document["comparison"]["chance_p"] == 0.01
+    assert report.startswith(f"# finetune vs scratch on data/hotdog (4 test images, 2 classes)\n\n**Verdict**: "
+                             f"{verdict_line(document)}")
+    assert "finetune did no better than chance (accuracy 0.750, chance 0.750, binomial p = 0.74) and scratch did " \
+           "no better than chance (accuracy 0.250, chance 0.750, binomial p = 1)" in report
+    assert "no winner" in report and "beats" not in report
+    assert "| finetune | 0.750 [0.194, 0.994] | 0.750 | 0.74 | no |" in report
     assert "](../plots/evaluate/errors_finetune.png)" in report
 
 
@@ -116,6 +131,10 @@ def test_evaluation_is_logged_to_the_parent_and_variant_runs(evaluated):
     logged = client.get_run(parent).data.metrics
     assert logged["finetune.accuracy"] == 0.75 and logged["delta.accuracy"] == pytest.approx(0.5)
     assert logged["mcnemar_p_value"] == pytest.approx(0.625)
+    document = json.loads((project / params(project).evaluate.metrics).read_text())
+    assert client.get_run(parent).data.tags["mlflow.note.content"] == verdict_line(document)  # the report's own
+    assert "did no better than chance" in verdict_line(document)
+    assert logged["finetune.chance_p_value"] == pytest.approx(document["finetune"]["chance_p_value"])
     names = {a.path for a in client.list_artifacts(parent, "evaluation")}
     assert {"evaluation/evaluate.md", "evaluation/evaluate.json", "evaluation/confusion_finetune.png"} <= names
 

@@ -133,6 +133,33 @@ def test_report_markdown_from_the_stage_files(tmp_path):
     assert "| fetch | skipped | 0.5 |" in text and "| train@finetune | ran | 61.0 |" in text
 
 
+def test_a_run_that_registered_nothing_runs_no_gate_and_its_report_says_why(tmp_path):
+    from tasks.registry import nothing_registered
+
+    write_params(REPO / "params.yaml", tmp_path / "params.yaml", {})
+    params = load_params(tmp_path / "params.yaml")
+    assert nothing_registered(tmp_path) is None  # no record: the gate runs and says what is missing
+    floor = {"accuracy_ci95_low": 0.4, "accuracy_ci95_high": 0.6, "chance_accuracy": 0.5}
+    metrics = tmp_path / params.evaluate.metrics
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({
+        "finetune": {"accuracy": 0.9, "chance_p_value": 1e-9, "above_chance": True} | floor,
+        "scratch": {"accuracy": 0.5, "chance_p_value": 0.54, "above_chance": False} | floor,
+        "comparison": {"challenger": "finetune", "baseline": "scratch", "test_images": 100, "chance_p": 0.01,
+                       "delta": {"accuracy": 0.4}, "mcnemar": {"challenger_only": 40, "baseline_only": 0,
+                                                               "discordant": 40, "p_value": 1e-12}}}))
+    why = "finetune did no better than chance (accuracy 0.500, chance 0.500, binomial p = 0.54) on the test split"
+    record = tmp_path / params.register_.record
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"model_name": "m", "version": None, "registered": False, "reason": why}))
+    assert nothing_registered(tmp_path) == why
+    text = pipeline_markdown(params, tmp_path, None, [])
+    assert text.splitlines()[2].startswith("**Verdict**: scratch did no better than chance (accuracy 0.500, chance "
+                                           "0.500, binomial p = 0.54) on 100 test images, so the comparison names no "
+                                           "winner")
+    assert f"**Registered**: nothing: {why}." in text and "**Promotion**" not in text
+
+
 @pytest.mark.slow
 def test_retrain_skips_a_busy_workspace(busy):
     from prefect.testing.utilities import prefect_test_harness

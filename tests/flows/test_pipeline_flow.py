@@ -3,6 +3,7 @@ running the DVC stages in the demo workspace of a temporary copy of the project.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
 def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     quick = {"model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
              **{f"{stage}.{key}": value for stage in ("pretrain.train", "train.finetune", "train.scratch")
-                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0), ("val_fraction", 0.5))}}
+                for key, value in (("epochs", 1), ("batch_size", 8), ("workers", 0), ("val_fraction", 0.5),
+                                   # one step on a few images cannot learn: plumbing, not judgment
+                                   ("judge_epochs", False), ("min_steps", 0))}}
     small = {"demo.train_per_class": 6, "demo.test_per_class": 3, "demo.source_classes": 3,
              "demo.source_train_per_class": 4, "demo.source_test_per_class": 2, "demo.overrides": quick}
     project = sync_workspace(REPO, tmp_path / "project", small, share_cache=False)
@@ -40,11 +43,23 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'fetch'" in first.stdout + first.stderr
     assert "validation passed: 18 of 18 files" in first.stdout + first.stderr
-    for stage in ("pretrain", "train@finetune", "train@scratch", "evaluate", "register"):
+    for stage in ("pretrain", "search@finetune", "search@scratch", "train@finetune", "train@scratch", "evaluate",
+                  "register"):
         assert f"Running stage '{stage}'" in first.stdout + first.stderr
-    assert "promoted: hotdog-classifier production (none) -> v1; no production version yet" in first.stdout + first.stderr
+    # 3 validation images per class: each variant's lr chosen by 3-fold cross-validation (2 lrs)
+    search = json.loads((demo / "metrics" / "search" / "scratch.json").read_text())
+    assert search["method"] == "cross-validation" and len(search["trials"]) == 2
+    # 6 test images cannot show a model beat chance at evaluate.chance_p (6 of 6 at 1/2 is p =
+    # 0.016): the register stage registers nothing, says why, and the flow goes on to its report.
+    output = first.stdout + first.stderr
+    assert "nothing registered: finetune did no better than chance" in output
+    assert "no promotion gate: the register stage registered nothing" in output and "promoted:" not in output
+    record = json.loads((demo / "reports" / "register.json").read_text())
+    assert record["registered"] is False and record["version"] is None
     report = (demo / "reports" / "evaluate.md").read_text()
     assert "McNemar (exact)" in report and "| accuracy |" in report
+    assert "finetune did no better than chance" in report and "scratch did no better than chance" in report
+    assert "no winner" in report.splitlines()[2]
     assert (demo / "models" / "finetune" / "model.pt").exists() and (demo / "models" / "source" / "model.pt").exists()
     files = tree_digest(demo / "data" / "hotdog")
     assert sum(name.startswith("train/hotdog/") for name in files) == 6
@@ -61,8 +76,8 @@ def test_demo_runs_through_prefect_and_dvc(tmp_path, prefect_env):
     second = run([python, "-m", "flows.pipeline", "--workspace", "demo"], project, prefect_env)
     assert second.returncode == 0, second.stderr
     assert "skipped (up to date)" in second.stdout + second.stderr
-    # Nothing changed: the same candidate, already production.
-    assert "unchanged: hotdog-classifier production v1 -> v1" in second.stdout + second.stderr
+    # Nothing changed: still nothing registered, and no gate to run.
+    assert "no promotion gate: the register stage registered nothing" in second.stdout + second.stderr
     assert tree_digest(demo / "data" / "hotdog") == files
 
 
@@ -90,10 +105,12 @@ def test_stage_order_follows_the_dag(tmp_path):
     (workspace / "dvc.yaml").write_text(pipeline.replace("stages:\n", "stages:\n" + extra, 1))
     order = stage_order(workspace)
     study = [f"study@{seed}" for seed in load_params(workspace / "params.yaml").study.seeds]
-    assert sorted(order) == sorted(["count", "evaluate", "fetch", "pretrain", "register", "train@finetune",
-                                    "train@scratch", "validate", "study-report", *study])
-    before = {"validate": ["fetch"], "count": ["validate"], "train@finetune": ["validate", "pretrain"],
-              "train@scratch": ["validate", "pretrain"], "evaluate": ["train@finetune", "train@scratch"],
+    assert sorted(order) == sorted(["count", "evaluate", "fetch", "pretrain", "register", "search@finetune",
+                                    "search@scratch", "train@finetune", "train@scratch", "validate", "study-report",
+                                    *study])
+    before = {"validate": ["fetch"], "count": ["validate"], "search@finetune": ["validate", "pretrain"],
+              "search@scratch": ["validate", "pretrain"], "train@finetune": ["search@finetune"],
+              "train@scratch": ["search@scratch"], "evaluate": ["train@finetune", "train@scratch"],
               "register": ["evaluate"], "study-report": study}
     for stage, upstream in before.items():
         assert all(order.index(u) < order.index(stage) for u in upstream), order

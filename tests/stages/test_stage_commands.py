@@ -13,8 +13,8 @@ from conftest import REPO, jpeg
 from finetune.cli import STAGES, main
 from finetune.demo.workspace import stage_env, write_params
 
-ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "train": ["finetune", "--out", "x", "--metrics", "m",
-                                                                      "--plots", "p"],
+ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "search": ["finetune", "--out", "s.json"],
+        "train": ["finetune", "--out", "x", "--metrics", "m", "--plots", "p"],
         "evaluate": ["--models", "m", "--history", "h"], "register": ["--models", "m"],
         "study": ["--seed", "0", "--out", "s.json"], "study-report": []}
 
@@ -72,6 +72,8 @@ PROBE = ("import runpy, sys\n"
     ("train", {"model.weights": "photo.jpg"}, "model.weights: "),
     ("train", {"model.weights": "missing.pt"}, "model.weights file"),
     ("pretrain", {"model.arch": "resnet81"}, "model.arch"),
+    ("search", {"model.weights": "missing.pt"}, "model.weights file"),
+    ("search", {"search.lr_step": 1}, "search.lr_step"),
     ("evaluate", {"model.weights": "photo.jpg"}, "model.weights: "),
     ("register", {"model.arch": "resnet81"}, "model.arch"),
     ("study", {"study.fractions": [0.5, 0.25]}, "study.fractions"),

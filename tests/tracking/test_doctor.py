@@ -11,26 +11,27 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from models import params, project_with_data, save_variant
+from models import MISSES_TWO, PERFECT, params, project_with_data, save_variant
 
 from finetune.stages.evaluate import EvalPaths, run_evaluate
 from finetune.tracking.registry import PRODUCTION, RegistryError, promote, register_candidate, rollback
 from finetune.tracking.store import use_store
 
 pytestmark = pytest.mark.slow
-HOTDOG, OTHER = 0, 1
+HOTDOG, OTHER = 0, 1  # biased networks: at chance on the balanced test split
 REGISTER = "dvc repro --force --single-item register"
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own mlflow/mlflow.db
-    root = project_with_data(tmp_path / "p", {"hotdog": 3, "not-hotdog": 1})
+    # Coloured: the colour networks learned (PERFECT 1.0, MISSES_TWO 0.9), the biased ones did not.
+    root = project_with_data(tmp_path / "p", {"hotdog": 10, "not-hotdog": 10}, coloured=True)
     monkeypatch.chdir(root)
     return root
 
 
-def register(project: Path, finetune: int, scratch: int, tag: str):
+def register(project: Path, finetune, scratch, tag: str):
     save_variant(project, "finetune", finetune, f"{tag}-ft")
     save_variant(project, "scratch", scratch, f"{tag}-sc")
     run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
@@ -60,9 +61,9 @@ def production(project: Path) -> str:
 
 
 def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
-    register(project, OTHER, OTHER, "v1")
+    register(project, MISSES_TWO, MISSES_TWO, "v1")
     assert promote(params(project), project).action == "promoted"
-    register(project, HOTDOG, OTHER, "v2")
+    register(project, PERFECT, OTHER, "v2")
     corrupt(project, "1")
     doctor = cli(project, "finetune", "doctor")
     assert doctor.returncode == 1, doctor.stderr
@@ -73,13 +74,13 @@ def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
     assert decision.action == "promoted" and production(project) == "2"
     assert decision.reason.startswith("production v1 unreadable: ") and decision.production_score is None
 
-    register(project, OTHER, OTHER, "v3")  # worse than v2 (0.25 vs 0.75)
+    register(project, MISSES_TWO, MISSES_TWO, "v3")  # worse than v2 (0.9 vs 1.0)
     corrupt(project, "2")
     forced = cli(project, "finetune", "promote", "--force")
     assert forced.returncode == 0, forced.stderr
     assert "forced: production v2 unreadable" in forced.stdout and production(project) == "3"
 
-    register(project, HOTDOG, HOTDOG, "v4")
+    register(project, PERFECT, PERFECT, "v4")
     corrupt(project, "4")
     with pytest.raises(RegistryError, match="version 4 .* is unreadable"):
         promote(params(project), project, force=True)
@@ -94,7 +95,7 @@ def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
 
 
 def test_a_lost_store_is_re_registered_without_retraining(project):
-    first = register(project, OTHER, HOTDOG, "s1")
+    first = register(project, OTHER, PERFECT, "s1")
     promote(params(project), project)
     model = project / "models" / first.variant / "model.pt"
     stamp = model.stat().st_mtime_ns
@@ -124,8 +125,8 @@ def test_a_lost_store_is_re_registered_without_retraining(project):
 
 
 def test_rollback_and_promote_version_from_any_state(project):
-    register(project, OTHER, OTHER, "r1")
-    register(project, HOTDOG, OTHER, "r2")
+    register(project, MISSES_TWO, MISSES_TWO, "r1")
+    register(project, PERFECT, OTHER, "r2")
     with pytest.raises(RegistryError, match=r"no version 99 \(registered versions: 1, 2\)"):
         promote(params(project), project, version="99")
     promote(params(project), project)  # production v2, history [2]
@@ -144,3 +145,16 @@ def test_rollback_and_promote_version_from_any_state(project):
     assert (back.production_before, back.production_after) == (None, "1") and production(project) == "1"
     client.delete_registered_model_alias(name, PRODUCTION)
     assert promote(params(project), project, version="1").reason == "no production version yet"
+
+
+def test_doctor_notes_a_register_that_registered_nothing(project):
+    register(project, PERFECT, OTHER, "n1")
+    assert promote(params(project), project).action == "promoted"
+    nothing = register(project, HOTDOG, OTHER, "n2")  # both give one class for every image: chance
+    assert not nothing.registered and nothing.version is None
+    doctor = cli(project, "finetune", "doctor")
+    # Nothing disagrees (candidate and production are v1, as before): a note, not a failure.
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert ("note: the last register stage registered nothing (reports/register.json): finetune did no better "
+            "than chance (accuracy 0.500, chance 0.500, binomial p = 0.59)") in doctor.stdout
+    assert "train variants that learn" in doctor.stdout

@@ -20,6 +20,7 @@ from test_training import TINY, make_project, paths, tiny_train
 from finetune.config import load_params
 from finetune.demo.workspace import stage_env, sync_workspace
 from finetune.errors import TrainingBusy
+from finetune.stages.search import search_variant
 from finetune.stages.train import train_variant
 from finetune.train.guard import LOCK_FILE, hold_folder
 
@@ -96,6 +97,8 @@ def dvc_workspace(root: Path, epochs: int) -> Path:
     shutil.copytree(data / "data", workspace / "data", dirs_exist_ok=True)
     (workspace / "models" / "source").mkdir(parents=True)
     (workspace / "models" / "source" / "README.txt").write_text("no source model\n")
+    # search.enabled is false here: the search stage records the recipe's lr (no training)
+    search_variant(load_params(workspace / "params.yaml"), "finetune", Path("metrics/search/finetune.json"), workspace)
     return workspace
 
 

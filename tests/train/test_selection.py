@@ -75,15 +75,30 @@ def test_select_best_restores_the_weights_of_the_best_epoch():
     selection = Selection("val_acc", keep_best=True, patience=None, min_delta=0.0)
     model, ran = scripted(selection, [0.5, 0.8, 0.6, 0.8, 0.7])
     selection.restore(model)
-    assert ran == [1, 2, 3, 4, 5] and selection.selected_epoch(5) == 2  # a tie keeps the earlier epoch
-    assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+    # epochs 2 and 4 tie on accuracy and loss: the later one, which trained more, is kept
+    assert ran == [1, 2, 3, 4, 5] and selection.selected_epoch(stats(5, 0.7)) == 4
+    assert torch.equal(model.weight, torch.full((1, 2), 4.0))
+
+
+def test_a_tie_on_accuracy_goes_to_the_lower_validation_loss_never_to_a_failed_epoch():
+    selection = Selection("val_acc", keep_best=True, patience=None, min_delta=0.0)
+    for epoch, (acc, loss) in enumerate([(0.5, 0.60), (0.5, 0.69), (0.5, 0.65)], 1):
+        selection.update(stats(epoch, acc, loss), nn.Linear(2, 1))
+    assert selection.best_epoch == 1  # the first epoch wins only by its lower loss
+    collapsed = stats(4, 0.9, 0.1)
+    collapsed.failure = "collapsed"
+    selection.update(collapsed, nn.Linear(2, 1))
+    assert selection.best_epoch == 1 and selection.stale == 3
+    only_failed = Selection("val_acc", keep_best=True, patience=None, min_delta=0.0)
+    only_failed.update(collapsed, nn.Linear(2, 1))
+    assert only_failed.selected_epoch(collapsed) is None
 
 
 def test_select_last_keeps_the_last_weights_and_val_loss_points_down():
     last = Selection("val_acc", keep_best=False, patience=None, min_delta=0.0)
     model, _ = scripted(last, [0.9, 0.1])
     last.restore(model)
-    assert last.selected_epoch(2) == 2 and torch.equal(model.weight, torch.full((1, 2), 2.0))
+    assert last.selected_epoch(stats(2, 0.1)) == 2 and torch.equal(model.weight, torch.full((1, 2), 2.0))
     by_loss = Selection("val_loss", keep_best=True, patience=None, min_delta=0.0)
     for epoch, loss in enumerate([0.9, 0.4, 0.6], 1):
         by_loss.update(stats(epoch, 0.5, loss), nn.Linear(2, 1))

@@ -29,7 +29,9 @@ from finetune.train.loop import fit
 from finetune.train.runtime import resolve_runtime
 from finetune.train.strategy import make_optimizer
 
-TINY = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32}
+TINY = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36, "model.test_crop": 32,
+        # Two steps on eight images check machinery, not judgment (tests/train/test_judgment.py)
+        "search.enabled": False, "train_defaults.judge_epochs": False, "train_defaults.min_steps": 0}
 
 
 def tiny_train(**changes) -> dict[str, object]:
