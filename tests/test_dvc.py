@@ -54,9 +54,10 @@ def test_stale_stages_names_what_dvc_would_run(workspace):
     params = (workspace / "params.yaml").read_text()
     write_params(workspace / "params.yaml", workspace / "params.yaml", {"train.scratch.seed": 7})
     try:
-        # the flow runs it and what follows; the study stages depend on every variant's recipe
+        # the flow runs it and what follows: its search (the recipe is the grid's centre), its
+        # training; the study stages depend on every variant's recipe
         study = {f"study@{seed}" for seed in load_params(workspace / "params.yaml").study.seeds}
-        assert stale_stages(workspace) == {"train@scratch", *study}
+        assert stale_stages(workspace) == {"search@scratch", "train@scratch", *study}
     finally:
         (workspace / "params.yaml").write_text(params)
     assert stale_stages(workspace) == set()

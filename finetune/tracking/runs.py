@@ -308,7 +308,7 @@ def selection_words(selected: dict, cfg: TrainConfig | None) -> str:
         return f"{words} (the last; no validation split){stopped}"
     if selected.get("val_source") == "cross-validation":
         spread = f" ± {selected['val_acc_sd']:.3f}" if selected.get("val_acc_sd") is not None else ""
-        return (f"{words} (every train image, the epochs and lr chosen by {selected.get('val_folds')}-fold "
+        return (f"{words} (every train image, the last epoch; the lr chosen by {selected.get('val_folds')}-fold "
                 f"cross-validation: validation accuracy {selected['val_acc']:.3f}{spread})")
     how = "the last" if cfg is not None and cfg.select == "last" else "best"
     by = f"validation loss {selected['val_loss']:.4f}" if cfg is not None and cfg.monitor == "val_loss" \

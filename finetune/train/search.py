@@ -6,8 +6,8 @@ apart, the lower side first). With a validation split of at least ``search.min_v
 images per class, each lr is one training watched by that split (``n = budget``). With a smaller
 one, the split is too noisy to choose on: each lr is trained on ``search.folds`` stratified,
 seeded folds of the train split (``n = budget // folds``), scored by the folds' mean validation
-curve, and the kept epoch of that mean becomes the epoch count of the final training on every
-train image (finetune/stages/train.py applies :func:`tuned`).
+scores at the last epoch, as the final training on every train image will be used (it has no
+split to choose an epoch by: finetune/stages/train.py applies :func:`tuned`).
 
 A trial whose every epoch diverged or collapsed (finetune/train/health.py) is marked and never
 chosen; a tie on validation accuracy goes to the lower validation loss, then to the lr nearer
@@ -203,6 +203,10 @@ def run_search(params: Params, variant: str, project: Path, plan: Plan,
     log.info("search %s: %s, %d lr(s) x %d fold(s): %s", variant, plan.method, len(plan.lrs), plan.folds,
              ", ".join(f"{lr:.3g}" for lr in plan.lrs))
     folds = [None] if plan.method == VALIDATION else list(range(plan.folds))
+    # After cross-validation the final training has no split to choose an epoch by: it trains
+    # every epoch and keeps the last. So each lr is scored as it will be used, by the folds' mean
+    # at the last epoch (on small data the best epoch of a noisy curve is often an early fluke).
+    keep = cfg.select if plan.method == VALIDATION else "last"
     tasks = [(lr, fold) for lr in plan.lrs for fold in folds]
     done: dict[float, list] = {lr: [] for lr in plan.lrs}
     trials: dict[float, Trial] = {}
@@ -211,7 +215,7 @@ def run_search(params: Params, variant: str, project: Path, plan: Plan,
         if len(done[lr]) == len(folds):
             parts = sorted(done[lr], key=lambda p: -1 if p[0] is None else p[0])
             trial = make_trial(lr, [p[1] for p in parts], sum(p[2] for p in parts), sum(p[3] for p in parts),
-                               cfg.select)
+                               keep)
             trials[lr] = trial
             _log_trial(variant, trial)
             report(trial)
@@ -266,9 +270,8 @@ def _timed(params: Params, variant: str, plan: Plan, lr: float, fold: int | None
 def search_document(variant: str, plan: Plan, trials: list[Trial], chosen: Trial) -> dict:
     """What the search stage writes (``search.out``/<variant>.json): the values train uses,
     the chosen trial's score and curve, and every trial's validation score."""
-    epochs = chosen.epoch if plan.method == CROSS_VALIDATION else plan.epochs
     return {"variant": variant, "enabled": True, "method": plan.method, "folds": plan.folds,
-            "lr": chosen.lr, "epochs": epochs, "batch_size": plan.batch_size,
+            "lr": chosen.lr, "epochs": plan.epochs, "batch_size": plan.batch_size,
             "val_acc": chosen.val_acc, "val_loss": chosen.val_loss, "val_acc_sd": chosen.val_acc_sd,
             "val_images": chosen.val_images, "val_per_class": plan.val_per_class,
             "curve": chosen.curve,
@@ -294,7 +297,7 @@ def read_search(project: Path, path: Path | None, variant: str) -> dict:
 
 def tuned(cfg: TrainConfig, document: dict) -> TrainConfig:
     """``cfg`` with the search's choice: its lr, batch size and epochs; after cross-validation
-    also every train image (no validation split) for the chosen epochs, the last kept."""
+    also every train image (no validation split), the last epoch kept."""
     if not document.get("enabled"):
         return cfg
     update = {"lr": document["lr"], "batch_size": document["batch_size"], "epochs": document["epochs"]}

@@ -104,6 +104,7 @@ def test_loaders_train_with_the_batch_that_auto_resolves(project):
     assert data.train.batch_size == data.cfg.batch_size == max(2, data.train_images // 8)
 
 
+@pytest.mark.slow
 def test_a_divergent_lr_is_caught_marked_and_never_chosen(project, caplog):
     # The grid is lr / lr_step and lr: 0.0033 learns, 100 blows up in its first steps.
     write_params(project / "params.yaml", project / "params.yaml",
@@ -137,6 +138,7 @@ def test_a_training_whose_every_epoch_collapsed_fails_naming_the_keys(project):
     assert "train.scratch.lr" in message and "search.enabled" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_cross_validation_scores_every_train_image_once_and_train_retrains_on_all(project):
     # workers: 2 trains the 4 trainings in two processes of their own (on 2 cores: slower, but the same)
     write_params(project / "params.yaml", project / "params.yaml",
@@ -165,6 +167,7 @@ def search_and_train(project: Path, params) -> tuple[Path, object]:
     return project / out, train_variant(params, "scratch", paths, project)
 
 
+@pytest.mark.slow
 def test_the_search_records_every_trial_in_mlflow_and_train_uses_its_choice(project):
     write_params(project / "params.yaml", project / "params.yaml", {"search.budget": 3})
     params = load_params(project / "params.yaml")
@@ -196,6 +199,7 @@ def test_the_train_stage_depends_on_its_search_in_dvc_yaml():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert "${search.out}/${key}.json" in stages["train"]["do"]["deps"]
     assert "--search ${search.out}/${key}.json" in stages["train"]["do"]["cmd"]
-    assert stages["search"]["do"]["outs"] == [{"${search.out}/${key}.json": {"cache": False}}]
+    # persist: a failed rerun of the search keeps the last choice (DVC would delete it first)
+    assert stages["search"]["do"]["outs"] == [{"${search.out}/${key}.json": {"cache": False, "persist": True}}]
     assert {"${search.out}/${evaluate.challenger}.json", "${search.out}/${evaluate.baseline}.json"} <= set(
         stages["study"]["do"]["deps"])
