@@ -21,6 +21,7 @@ from finetune.model.archs import ARCHS, BLOCKS
 
 PARAMS_FILE = Path("params.yaml")
 Positive = Annotated[int, Field(ge=1)]
+_UNION_BRANCH = re.compile(r"constrained-int|int|float|str|bool|literal\[.*\]")
 
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64}
 
@@ -435,14 +436,17 @@ def check_weights_file(weights: str, project: Path, must_exist: bool = False) ->
 
 
 def _describe(path: Path, err: ValidationError) -> str:
-    """One line per invalid key: where it is, what is wrong."""
-    lines = []
+    """One line per invalid key: where it is, what is wrong (a key that takes a number or
+    ``auto`` says both in one line)."""
+    problems: dict[str, list[str]] = {}
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"])
+        # pydantic names the branch of a union (``constrained-int``, ``literal['auto']``) as a part of the key
+        key = ".".join(str(part) for part in problem["loc"] if not _UNION_BRANCH.fullmatch(str(part)))
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (a typo? remove it or fix its name)")
+            problems.setdefault(key, []).append("unknown key (a typo? remove it or fix its name)")
         elif problem["type"] == "missing":
-            lines.append(f"  {key}: missing (params.yaml must set it)")
+            problems.setdefault(key, []).append("missing (params.yaml must set it)")
         else:
-            lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
+            problems.setdefault(key, []).append(f"{problem['msg']} (got {problem.get('input')!r})")
+    lines = [f"  {key}: {' | or: '.join(dict.fromkeys(found))}" for key, found in problems.items()]
     return f"{path} has invalid settings; fix these keys and rerun:\n" + "\n".join(lines)

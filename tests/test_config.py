@@ -102,15 +102,18 @@ RECIPE = {
     "checkpoint_every_s": 30, "val_fraction": 0.1, "monitor": "val_acc", "select": "best",
     "early_stopping": None, "test_each_epoch": False,
     "augment_on": "auto",
+    # the judgment keys, added later (finetune/train/recipe.py, health.py)
+    "min_steps": 50, "auto_steps": 300, "diverge_loss": 10.0, "judge_epochs": True,
 }
 FINETUNE = {"init": "pretrained", "lr": 0.0064, "head_lr_mult": 10}
 REPO_SETTINGS = {"train.finetune": RECIPE | FINETUNE, "train.scratch": RECIPE, "pretrain.train": RECIPE}
-# The demo workspace's settings as the demo.overrides of that time made them.
-DEMO_BATCH = {"epochs": 10, "batch_size": 32, "weight_decay": 3.125e-5, "momentum": 0.9}
+# The demo workspace's settings as demo.overrides makes them: batch_size auto, each variant's lr
+# the centre of its search; the source model keeps batch 32.
+DEMO_BATCH = {"epochs": 10, "batch_size": "auto", "weight_decay": 8.3e-5, "momentum": 0.9}
 DEMO_SETTINGS = {
-    "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.0016},
-    "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.016},
-    "pretrain.train": RECIPE | DEMO_BATCH | {"lr": 0.05, "momentum": 0.9, "schedule": "cosine",
+    "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.0002},
+    "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.002},
+    "pretrain.train": RECIPE | DEMO_BATCH | {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "schedule": "cosine",
                                             "weight_decay": 5.0e-4},
 }
 
