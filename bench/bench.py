@@ -70,6 +70,9 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 SPEED_PAGE = REPO / "docs" / "speed.md"
 RUNS = ("plain", "trainer", "trainer-compile", "trainer-freeze", "ceiling")
 SCALE_FIRST = 10_000  # --scale reports memory at this many images and at N
+# The bench times training on data sized for timing (a few epochs, often tiny): it reports each
+# run's accuracy, and neither fails a run that did not learn nor warns about its step count.
+SPEED_ONLY = {"judge_epochs": False, "min_steps": 0}
 
 
 def settings(ws: Path, epochs: int, crop: int, resize: int, device: str, strategy: str = "full",
@@ -83,7 +86,7 @@ def settings(ws: Path, epochs: int, crop: int, resize: int, device: str, strateg
     model = params.model.model_copy(update={"train_crop": crop, "test_resize": resize, "test_crop": crop})
     defaults = load_params(REPO / "params.yaml").train["finetune"]
     cfg = defaults.model_copy(update={"epochs": epochs, "device": device, "strategy": strategy,
-                                      "batch_size": batch_size or defaults.batch_size})
+                                      "batch_size": batch_size or defaults.batch_size} | SPEED_ONLY)
     update = {"model": model, "train": {**params.train, "finetune": cfg}}
     if cache is not None:
         update["cache"] = params.cache.model_copy(update={"dir": cache})
@@ -102,7 +105,7 @@ def plain_settings(ws: Path, epochs: int, crop: int, resize: int, device: str, s
     stopping = recipe["early_stopping"]
     cfg = recipe | {"epochs": epochs, "device": device, "strategy": strategy,
                     "batch_size": batch_size or recipe["batch_size"],
-                    "early_stopping": SimpleNamespace(**stopping) if stopping else None}
+                    "early_stopping": SimpleNamespace(**stopping) if stopping else None} | SPEED_ONLY
     model = raw["model"] | {"train_crop": crop, "test_resize": resize, "test_crop": crop}
     if not own.exists():
         model["weights"] = "none"
