@@ -17,7 +17,8 @@ from flows.plan import stage_order
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    # 450 s: the flow now runs the search stages too (on a loaded 2-core machine a run took over 300 s)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=450)
 
 
 @pytest.mark.slow
