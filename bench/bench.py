@@ -60,6 +60,7 @@ from finetune.data.images import eval_transform, load_splits, train_transform
 from finetune.model.factory import build_model, weights_path
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit
+from finetune.train.recipe import replaced
 from finetune.train.runtime import autocast, pick_device, predict, resolve_runtime, seed_everything
 from finetune.train.strategy import make_optimizer
 
@@ -118,9 +119,7 @@ def plain_settings(ws: Path, epochs: int, crop: int, resize: int, device: str, s
 
 def changed(section, **changes):
     """A settings section with ``changes``: a validated copy (pydantic) or a new namespace."""
-    if hasattr(section, "model_copy"):
-        return section.model_copy(update=changes)
-    return SimpleNamespace(**(vars(section) | changes))
+    return replaced(section, **changes)
 
 
 def plain_recipe(params, ws: Path) -> dict:

@@ -56,7 +56,7 @@ def fit_recipe(cfg: TrainConfig, n_train: int, key: str = "train") -> TrainConfi
 
 
 def replaced(cfg, **changes):
-    """``cfg`` with ``changes``: a TrainConfig (pydantic) or the bench's plain namespace."""
+    """``cfg`` with ``changes``: a pydantic section (a copy) or the bench's plain namespace."""
     if hasattr(cfg, "model_copy"):
         return cfg.model_copy(update=changes)
     return SimpleNamespace(**(vars(cfg) | changes))
