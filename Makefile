@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands (`python -m finetune ...`, `dvc ...`) must find the project's environment.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run demo test bench ui serve doctor scheduler deploy lock clean-demo \
+.PHONY: install run demo test test-stack test-all bench ui serve doctor scheduler deploy lock clean-demo \
 	status dag metrics plots predict promote rollback errors study
 
 install: $(STAMP)
@@ -34,11 +34,22 @@ demo: $(STAMP)
 study: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc exp run --set-param study.enabled=true study-report
 
-# pytest's exit status 5 (no tests collected) fails like any other non-zero status.
+# The suite on TEST_WORKERS processes (pytest-xdist; a test file stays in one process, so its
+# module fixtures are shared), without the shared stack's integration tests (marker `stack`,
+# minutes of servers): `make test-stack` runs those, `make test-all` everything. pytest's exit
+# status 5 (no tests collected) fails like any other non-zero status.
+TEST_WORKERS ?= 2
+TEST_MARKS ?= not stack
 test: $(STAMP)
-	$(PY) -m pytest; status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_MARKS)"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
 	exit $$status
+
+test-stack: TEST_MARKS = stack
+test-stack: test
+
+test-all: TEST_MARKS = stack or not stack
+test-all: test
 
 # Speed, measured side by side: the plain recipe loop vs the trainer, dvc repro, Prefect overhead
 # (prints a table, writes reports/bench-<device>.json and the table in docs/speed.md). BENCH_ARGS: see --help.
