@@ -111,8 +111,8 @@ REPO_SETTINGS = {"train.finetune": RECIPE | FINETUNE, "train.scratch": RECIPE, "
 # the centre of its search; the source model keeps batch 32.
 DEMO_BATCH = {"epochs": 10, "batch_size": "auto", "weight_decay": 8.3e-5, "momentum": 0.9}
 DEMO_SETTINGS = {
-    "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.0002},
-    "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.002},
+    "train.finetune": RECIPE | FINETUNE | DEMO_BATCH | {"lr": 0.000063},
+    "train.scratch": RECIPE | DEMO_BATCH | {"lr": 0.00063},
     "pretrain.train": RECIPE | DEMO_BATCH | {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "schedule": "cosine",
                                             "weight_decay": 5.0e-4},
 }
@@ -163,6 +163,7 @@ def test_the_demo_overrides_give_the_demo_its_former_settings(tmp_path):
     assert {name: _section(raw, name) for name in DEMO_SETTINGS} == DEMO_SETTINGS
     assert load_params(path).model.train_crop == 64
     assert load_params(path).study.enabled and load_params(path).study.fractions == (0.25, 0.5, 1.0)
+    assert load_params(path).study.seeds == (0, 1)
     # Each value once: no variant's own override repeats what it gets from train_defaults.
     repeated = [key for key, value in overrides.items() if key.startswith(("train.", "pretrain.train."))
                 and raw["train_defaults"][key.rpartition(".")[2]] == value]

@@ -154,7 +154,8 @@ def errors_figure(result: VariantEval, dataset: Path, limit: int, title: str | N
 
 def learning_curve(document: dict) -> plt.Figure:
     """The study's learning curve: test accuracy vs train images, each variant's mean over seeds
-    with its 95% interval as a band, the crossover marked when the curves cross."""
+    with its 95% interval as a band (drawn within 0..1: with two seeds a t-interval reaches far
+    past what an accuracy can be), the crossover marked when the curves cross."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     rows = list(document["fractions"].values())
     sizes = [r["train_images"] for r in rows]
@@ -162,10 +163,11 @@ def learning_curve(document: dict) -> plt.Figure:
         means = [r[variant]["mean"] for r in rows]
         ax.plot(sizes, means, marker="o", label=variant)
         if all(r[variant]["low"] is not None for r in rows):
-            ax.fill_between(sizes, [r[variant]["low"] for r in rows], [r[variant]["high"] for r in rows], alpha=0.2)
+            ax.fill_between(sizes, [max(r[variant]["low"], 0.0) for r in rows],
+                            [min(r[variant]["high"], 1.0) for r in rows], alpha=0.2)
     if document["crossover_images"] is not None:
         ax.axvline(document["crossover_images"], color="grey", linestyle="--", label="crossover")
-    ax.set(xscale="log" if sizes[-1] > 4 * sizes[0] else "linear", xlabel="train images",
+    ax.set(xscale="log" if sizes[-1] > 4 * sizes[0] else "linear", xlabel="train images", ylim=(0, 1.02),
            ylabel="test accuracy", title="learning curve (mean, 95% interval over seeds)")
     ax.legend()
     fig.tight_layout()
