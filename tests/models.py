@@ -13,12 +13,14 @@ import torch
 from conftest import REPO
 from images import encode, write_dataset
 from PIL import Image
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
+from finetune.tracking.runs import log_model
 from finetune.tracking.store import parent_run, pipeline_experiment, use_store
 
 CLASSES = ["hotdog", "not-hotdog"]
@@ -133,9 +135,11 @@ def training_run(project: Path, variant: str) -> str:
     return run.info.run_id
 
 
-def save_variant(project: Path, variant: str, favour: int | Colour | None, tag: str, **validation) -> Path:
+def save_variant(project: Path, variant: str, favour: int | Colour | None, tag: str, network: bool = False,
+                 **validation) -> Path:
     """models/<variant>/model.pt with its own run and fingerprint ``tag``: a biased network
-    (``favour`` a class or None), or the colour() network (``favour`` a Colour). ``validation``
+    (``favour`` a class or None), or the colour() network (``favour`` a Colour). ``network``: the
+    run also holds it as MLflow's pytorch flavour, as the train stage logs it. ``validation``
     overrides the model.pt info register chooses by (val_acc, val_loss, val_source, ...)."""
     settings = {"variant": variant, "train": {}, "model": MODEL, "classes": CLASSES, "weights": "none"}
     path = project / "models" / variant / "model.pt"
@@ -144,8 +148,12 @@ def save_variant(project: Path, variant: str, favour: int | Colour | None, tag: 
     val_acc = 0.9 if isinstance(favour, Colour) else {0: 0.75, 1: 0.25, None: 0.5}[favour]
     info = {"val_acc": val_acc, "val_loss": 1 - val_acc} | validation
     model = colour(favour.threshold) if isinstance(favour, Colour) else biased(favour)
-    save_final(path, model, CLASSES, "resnet18", settings, fingerprint=tag,
-               mlflow_run_id=training_run(project, variant), selected_epoch=1, **info)
+    run_id = training_run(project, variant)
+    save_final(path, model, CLASSES, "resnet18", settings, fingerprint=tag, mlflow_run_id=run_id,
+               selected_epoch=1, **info)
+    if network:
+        with mlflow.start_run(run_id=run_id):
+            log_model(model, CLASSES, params(project))
     return path
 
 

@@ -64,9 +64,9 @@ def test_stale_stages_names_what_dvc_would_run(workspace):
 
 
 def test_editing_the_test_transform_makes_evaluate_stale(workspace):
-    """evaluate imports finetune/data/images.py (the test transform) through its folder dep: an
+    """evaluate imports finetune/data/portable.py (the test transform) through its folder dep: an
     edit there must rerun it, not report stale results as current (the old lineage hole)."""
-    images = workspace / "finetune" / "data" / "images.py"
+    images = workspace / "finetune" / "data" / "portable.py"
     source = images.read_text()
     assert "transforms.CenterCrop(crop)" in source
     images.write_text(source.replace("transforms.CenterCrop(crop)", "transforms.CenterCrop(crop - 2)"))

@@ -8,61 +8,21 @@ horizontal flip. Test: resize (both sides, as the book; or the shorter side, as 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
 from torchvision import transforms
 
+# The test transform and image reading are the served model's too: they live in the file every
+# registered model ships (portable.py), and are named here for the training side.
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
 from finetune.errors import FinetuneError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def train_transform(crop: int) -> transforms.Compose:
     """RandomResizedCrop(crop) + RandomHorizontalFlip, normalised with ImageNet statistics."""
     return transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def eval_transform(resize: int, crop: int, mode: str) -> transforms.Compose:
-    """``squash``: both sides to ``resize`` (the book); ``aspect``: the shorter side (torchvision);
-    then CenterCrop(crop), normalised with ImageNet statistics."""
-    if mode == "squash":
-        resizing = transforms.Resize((resize, resize))
-    elif mode == "aspect":
-        resizing = transforms.Resize(resize)
-    else:
-        raise ValueError(f"resize mode {mode!r}: use squash or aspect")
-    return transforms.Compose([resizing, transforms.CenterCrop(crop), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def load_image(path: Path | BinaryIO) -> Image.Image:
-    """An RGB image (from a file or a binary stream) as a viewer shows it: EXIF rotation
-    applied, any mode converted."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):
-            image = _sixteen_to_eight_bits(image)
-        elif image.mode in ("P", "PA") and "transparency" in image.info:
-            image = image.convert("RGBA")  # as Pillow advises for palettes with transparency
-        return image.convert("RGB")
-
-
-def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
-    """A grey 8-bit image from a 16-bit one (I;16*, or I as some Pillow versions read such PNGs).
-
-    Pillow's own convert clips every value above 255 to white; keeping the top 8 bits scales
-    0..65535 to 0..255. An ``I`` image whose values all fit in 8 bits is taken as it is.
-    """
-    array = np.asarray(image).astype(np.int64)
-    if image.mode.startswith("I;16") or array.max() > 255:
-        array = np.clip(array, 0, 65535) >> 8
-    return Image.fromarray(array.astype(np.uint8), "L")
 
 
 class FileListDataset(torch.utils.data.Dataset):

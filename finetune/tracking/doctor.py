@@ -1,5 +1,6 @@
-"""`python -m finetune doctor`: do dvc.lock, models/, the MLflow runs and the registry agree, and
-do the registered models do better than chance on the current test split?
+"""`python -m finetune doctor`: do dvc.lock, models/, the MLflow runs and the registry agree, do
+the registered models do better than chance on the current test split, and do they load where
+this project is not installed?
 
 Each check that fails gives one :class:`Finding`: what is wrong and the exact command that repairs
 it. Notes (``fatal=False``) are printed but do not fail the check: a training run lost with the
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from finetune.config import Params
 from finetune.model.classifier import read_final
 from finetune.tracking.registry import CANDIDATE, PRODUCTION, registered_versions, run_exists
-from finetune.tracking.serving import evaluate_registered, load_served
+from finetune.tracking.serving import evaluate_registered, load_served, portable
 from finetune.tracking.store import use_store
 
 REGISTER = "dvc repro --force --single-item register"
@@ -130,8 +131,9 @@ def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
     for alias in (CANDIDATE, PRODUCTION):
         if alias not in aliases:
             continue
-        why = _unreadable(f"models:/{name}/{aliases[alias]}", project)
+        model, why = _load(f"models:/{name}/{aliases[alias]}", project)
         if why is None:
+            findings += _check_portable(name, alias, aliases[alias], model)
             findings += _check_chance(params, project, alias, aliases[alias])
             continue
         if alias == CANDIDATE:
@@ -164,13 +166,29 @@ def _check_chance(params: Params, project: Path, alias: str, version: str) -> li
                     f"{RETRAIN}; or python -m finetune promote --version N, naming a version that beats chance")]
 
 
+def _check_portable(name: str, alias: str, version: str, model) -> list[Finding]:
+    """A version registered before models shipped their own code loads only where this project
+    is installed: register the same model again (a new version, portable) and move the alias to
+    it through the gate, whose decision log keeps the old version for a rollback."""
+    if portable(model):
+        return []
+    repair = f"{REREGISTER}, then python -m finetune promote --force" if alias == PRODUCTION else REREGISTER
+    return [Finding(f"{name}@{alias} (v{version}) loads only where this project is installed (it was registered "
+                    "before models carried their own code): another team's service or `mlflow models serve` "
+                    "elsewhere cannot load it", repair)]
+
+
+def _load(uri: str, project: Path):
+    """(the model at ``uri``, None) when it loads, else (None, why not: its first line)."""
+    try:
+        return load_served(uri, project), None
+    except Exception as err:
+        return None, (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def _unreadable(uri: str, project: Path) -> str | None:
     """None when the model at ``uri`` loads, else why not (first line)."""
-    try:
-        load_served(uri, project)
-    except Exception as err:
-        return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return None
+    return _load(uri, project)[1]
 
 
 def _readable_version(client, name: str, project: Path, exclude: str) -> str | None:

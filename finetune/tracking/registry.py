@@ -36,6 +36,7 @@ from finetune.evaluate.metrics import (
 )
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
+from finetune.tracking.runs import network_uri
 from finetune.tracking.serving import evaluate_registered, log_classifier
 from finetune.tracking.store import (
     NOTE_TAG,
@@ -48,6 +49,9 @@ from finetune.tracking.store import (
 log = logging.getLogger(__name__)
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY_TAG = "production_history"
+# A version's tag naming its network as MLflow's pytorch flavour (models:/<id>, in the same run):
+# `mlflow.pytorch.load_model(<tag value>)` gives the torch module the pyfunc wraps.
+NETWORK_TAG = "pytorch_model"
 LOG_TAG, LOG_FILE = "finetune.registry_log", "promotions.jsonl"
 # A compared variant's test against chance, as the evaluate stage's metrics hold it and the
 # register record repeats it; CHANCE_WORDS in the order chance_words takes them.
@@ -254,6 +258,9 @@ def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint
     # the training run is gone from the store.
     run_id = run.info.run_id
     tags = tags | {"run_id": run_id}
+    network = network_uri(run_id)
+    if network:  # the same network for mlflow.pytorch.load_model (a torch module, tensors in and out)
+        tags[NETWORK_TAG] = network
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
         f"{tags['variant']} (run {tags['run_id']}), data {tags['data_version']}, commit {tags['git_commit']}"))

@@ -331,6 +331,16 @@ def model_logged(run_id: str) -> bool:
     return any(str(m.status).endswith("READY") for m in found)
 
 
+def network_uri(run_id: str) -> str | None:
+    """``models:/<id>`` of the run's network (the pytorch flavour ``model`` that log_model wrote),
+    which ``mlflow.pytorch.load_model`` returns as a torch module; None when it has none."""
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
+                                        output_format="list")
+    ready = [m for m in found if m.name == "model" and str(m.status).endswith("READY")]
+    return f"models:/{ready[-1].model_id}" if ready else None
+
+
 def log_model(model, classes, params: Params) -> None:
     """The model as MLflow's pytorch flavour: CPU float32 weights in a pickled module (not a
     torch.export program, MLflow 3's default, which cannot move to another device and keeps the

@@ -18,7 +18,6 @@ messages never repeat the request's data nor Python object reprs, and the server
 from __future__ import annotations
 
 import base64
-import binascii
 import ctypes
 import ctypes.util
 import io
@@ -30,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import PIL
 import torch
@@ -40,19 +40,20 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from finetune.config import Params, ServeConfig, load_params
+from finetune.config import ModelConfig, Params, ServeConfig, load_params
+from finetune.data import portable as data_portable
 from finetune.errors import FinetuneError, plain_error
 from finetune.evaluate.figures import errors_figure, save_png
 from finetune.evaluate.metrics import VariantEval
 from finetune.evaluate.scoring import evaluate_classifier
-from finetune.model.classifier import ImageError, decode_image, describe, load_classifier, probabilities
+from finetune.model.classifier import Classifier, load_classifier
+from finetune.tracking import portable_model
+from finetune.tracking.portable_model import ERROR_KEY, IMAGE_COLUMN, decode_base64  # noqa: F401 (the served API)
 from finetune.tracking.store import use_store
 
 # Models registered before the package was split into folders pickled this class as
 # finetune.serving.ImageClassifierModel: let them load in any process that imports this module.
 sys.modules.setdefault("finetune.serving", sys.modules[__name__])
-IMAGE_COLUMN = "image"
-ERROR_KEY = "error"  # a row that could not be scored: {"error": "row <i>: <why>"}
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]))
 REQUEST_SHAPE = f'send {{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 of the image file>"}}, ...]}}'
 # What error messages must not carry: Python object reprs ("<_io.BytesIO object at 0x7f...>",
@@ -68,57 +69,34 @@ def encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_base64(text: str, source: str) -> bytes:
-    if not isinstance(text, str):
-        raise ImageError(f"{source}: expected base64 text in column {IMAGE_COLUMN!r}, got {type(text).__name__}.")
-    if text.startswith("data:") and "," in text:  # a data URL as browsers write it
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError(f"{source}: column {IMAGE_COLUMN!r} is not base64; send base64(file bytes).") from None
-
-
-class ImageClassifierModel(mlflow.pyfunc.PythonModel):
-    """Images in, classes and probabilities out (see the module docstring)."""
+class ImageClassifierModel(portable_model.ImageClassifierModel):
+    """Versions registered before each model shipped its own code pickled this class, with the
+    train stage's checkpoint as the artifact ``checkpoint``: they load where this project is
+    installed (and only there). `python -m finetune doctor` names them and the commands that
+    register the same model again, portable."""
 
     def load_context(self, context) -> None:
-        self.classifier = load_classifier(Path(context.artifacts["checkpoint"]))
+        classifier = load_classifier(Path(context.artifacts["checkpoint"]))
+        self.network, self.classes, self.transform = classifier.model, classifier.classes, classifier.transform
+        self.settings, self.info = classifier.settings, classifier.info
         # limits.json since the limits stopped being logged as the training run's params; models
         # registered before carry them as model_config.
         limits = context.model_config or {}
         if "limits" in context.artifacts:
             limits = json.loads(Path(context.artifacts["limits"]).read_text())
-        self.max_bytes = int(float(limits.get("max_image_mb", 20)) * 2**20)
-        self.max_pixels = int(limits.get("max_pixels", Image.MAX_IMAGE_PIXELS or 89_478_485))
-        self.pixels_setting = "validate.max_pixels"
+        self.set_limits(limits.get("max_image_mb", 20), limits.get("max_pixels", Image.MAX_IMAGE_PIXELS or 89_478_485))
 
-    def apply_limits(self, limits: ServeConfig) -> None:
-        """The server's limits (``serve:``): the image size, and the pixels if stricter than the
-        registered validate.max_pixels."""
-        self.max_bytes = int(limits.max_image_mb * 2**20)
-        if limits.max_pixels < self.max_pixels:
-            self.max_pixels, self.pixels_setting = limits.max_pixels, "serve.max_pixels"
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[dict]:
-        """One answer per row, in order: the class and probabilities, or ``{"error": "row i: why"}``
-        for a row whose image cannot be used (the other rows are scored all the same)."""
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame({IMAGE_COLUMN: model_input})
-        if IMAGE_COLUMN not in frame.columns or frame.empty:
-            raise MlflowException(f"send one or more rows with a column {IMAGE_COLUMN!r} (base64 image bytes)",
-                                  error_code=INVALID_PARAMETER_VALUE)
-        answers: list[dict | None] = [None] * len(frame)
-        images = {}
-        for i, value in enumerate(frame[IMAGE_COLUMN]):
-            try:
-                images[i] = decode_image(decode_base64(value, f"row {i}"), f"row {i}", self.max_bytes,
-                                         self.max_pixels, self.pixels_setting)
-            except ImageError as err:
-                answers[i] = {ERROR_KEY: clean_message(str(err))}
-        scored = describe(self.classifier.classes, probabilities(self.classifier, list(images.values())))
-        for i, answer in zip(images, scored, strict=True):
-            answers[i] = answer
-        return answers
+def served_classifier(model) -> Classifier:
+    """The network, classes and preprocessing inside a loaded pyfunc (portable or older)."""
+    inner = model.unwrap_python_model()
+    return Classifier(inner.network, list(inner.classes), ModelConfig.model_validate(inner.settings["model"]),
+                      inner.settings, inner.info)
+
+
+def portable(model) -> bool:
+    """Whether a loaded pyfunc carries its own code (loads where this project is not installed)."""
+    return type(model.unwrap_python_model()) is not ImageClassifierModel
 
 
 def example_image() -> str:
@@ -129,19 +107,32 @@ def example_image() -> str:
 
 
 def log_classifier(checkpoint: Path, params_file: Path, limits: dict) -> mlflow.models.model.ModelInfo:
-    """Log the checkpoint as a servable pyfunc ``classifier`` in the active run (with params.yaml),
-    its ``limits`` as the artifact limits.json: not as model_config, which MLflow also logs as
-    params of the run, where serving limits would pass for training settings."""
-    with tempfile.TemporaryDirectory(prefix="finetune-limits-") as folder:
-        limits_file = Path(folder) / "limits.json"
-        limits_file.write_text(json.dumps(limits))
+    """Log the checkpoint as the portable pyfunc ``classifier`` in the active run: its code
+    (finetune/tracking/portable_model.py with finetune/data/portable.py), the network as a
+    pickled torchvision module, model.json (classes, settings, origin), params.yaml, and
+    ``limits`` as limits.json (not as model_config, which MLflow also logs as params of the
+    run, where serving limits would pass for training settings)."""
+    classifier = load_classifier(checkpoint)
+    card = {"classes": classifier.classes, "settings": classifier.settings, "info": classifier.info}
+    with tempfile.TemporaryDirectory(prefix="finetune-classifier-") as folder:
+        folder = Path(folder)
+        (folder / "network").mkdir()
+        torch.save(classifier.model, folder / "network" / portable_model.NETWORK_FILE)
+        (folder / "model.json").write_text(json.dumps(card, default=str))
+        (folder / "limits.json").write_text(json.dumps(limits))
         return mlflow.pyfunc.log_model(
-            name="classifier", python_model=ImageClassifierModel(),
-            artifacts={"checkpoint": str(checkpoint), "params": str(params_file), "limits": str(limits_file)},
+            name="classifier", python_model=portable_model.__file__, code_paths=[data_portable.__file__],
+            artifacts={"network": str(folder / "network"), "model": str(folder / "model.json"),
+                       "params": str(params_file), "limits": str(folder / "limits.json")},
             signature=SIGNATURE, input_example=pd.DataFrame({IMAGE_COLUMN: [example_image()]}),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"torchvision=={torchvision.__version__.split('+')[0]}",
-                              f"pillow=={PIL.__version__}", f"mlflow=={mlflow.__version__}"])
+            pip_requirements=requirements())
+
+
+def requirements() -> list[str]:
+    """What the model needs to load and predict, pinned to the versions that logged it."""
+    return [f"{name}=={version.split('+')[0]}" for name, version in (
+        ("torch", torch.__version__), ("torchvision", torchvision.__version__), ("pillow", PIL.__version__),
+        ("numpy", np.__version__), ("pandas", pd.__version__), ("mlflow", mlflow.__version__))]
 
 
 def predict_files(model, files: Sequence[Path], batch: int = 32) -> list[dict]:
@@ -345,7 +336,7 @@ def serve(uri: str, host: str, port: int, project: Path = Path("."), limits: Ser
 
 def evaluate_registered(params: Params, uri: str, project: Path = Path(".")) -> VariantEval:
     """A registered model (``models:/name@alias``, ``models:/name/3``, ...) on the current test split."""
-    classifier = load_served(uri, project).unwrap_python_model().classifier
+    classifier = served_classifier(load_served(uri, project))
     return evaluate_classifier(uri, classifier, project / params.data.dir, project / params.validate_.files,
                                params.evaluate)
 

@@ -44,12 +44,12 @@ def cli(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def corrupt(project: Path, version: str) -> None:
-    """Overwrite the registered model's checkpoint in the artifact store."""
+    """Overwrite the registered model's network in the artifact store."""
     use_store(project)
     client = MlflowClient()
     source = client.get_model_version(params(project).register_.model_name, version).source
     location = client.get_logged_model(source.split("/")[1]).artifact_location
-    files = list(Path(location.removeprefix("file://")).rglob("model.pt"))
+    files = list(Path(location.removeprefix("file://")).rglob("model.pth"))
     assert files, location
     for file in files:
         file.write_bytes(b"not a checkpoint")

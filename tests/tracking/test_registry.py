@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from models import (
     BLUE,
@@ -28,11 +29,11 @@ from models import (
 )
 
 from finetune.demo.workspace import write_params
-from finetune.model.classifier import read_final
 from finetune.stages.evaluate import EvalPaths, run_evaluate
 from finetune.stages.register import registered_words
 from finetune.tracking.registry import (
     CANDIDATE,
+    NETWORK_TAG,
     PRODUCTION,
     RegistryError,
     promote,
@@ -41,6 +42,7 @@ from finetune.tracking.registry import (
     registered_versions,
     rollback,
 )
+from finetune.tracking.serving import load_served, served_classifier
 
 pytestmark = pytest.mark.slow
 HOTDOG, OTHER = 0, 1  # the class a biased model always predicts
@@ -54,10 +56,10 @@ def project(tmp_path, monkeypatch, mlflow_server):
                              **{"register.model_name": name})
 
 
-def train_and_register(project, finetune, scratch, tag: str):
+def train_and_register(project, finetune, scratch, tag: str, network: bool = False):
     """Stand-ins for one pipeline run: two models, the evaluate stage, the register stage."""
-    save_variant(project, "finetune", finetune, f"{tag}-ft")
-    save_variant(project, "scratch", scratch, f"{tag}-sc")
+    save_variant(project, "finetune", finetune, f"{tag}-ft", network=network)
+    save_variant(project, "scratch", scratch, f"{tag}-sc", network=network)
     run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
     return register_candidate(params(project), project / "models", project)
 
@@ -68,7 +70,7 @@ def aliases(project) -> dict[str, str]:
 
 
 def test_register_tags_the_winner_and_sets_candidate(project):
-    registration = train_and_register(project, finetune=OTHER, scratch=MISSES_FAINT, tag="a")
+    registration = train_and_register(project, finetune=OTHER, scratch=MISSES_FAINT, tag="a", network=True)
     assert registration.variant == "scratch" and registration.value == 0.9  # the winner, not the challenger
     client = MlflowClient()
     version = client.get_model_version(registration.model_name, registration.version)
@@ -85,7 +87,12 @@ def test_register_tags_the_winner_and_sets_candidate(project):
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{registration.model_name}/{registration.version}",
                                                       dst_path=str(project / "downloaded")))
     assert (folder / "artifacts" / "params.yaml").read_text() == (project / "params.yaml").read_text()
-    assert read_final(folder / "artifacts" / "model.pt")["settings"]["variant"] == "scratch"
+    assert json.loads((folder / "artifacts" / "model.json").read_text())["settings"]["variant"] == "scratch"
+    # The same network as MLflow's pytorch flavour, named by the version: a torch module.
+    network = mlflow.pytorch.load_model(version.tags[NETWORK_TAG])
+    served = served_classifier(load_served(f"models:/{registration.model_name}/{registration.version}", project))
+    batch = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(network.eval()(batch), served.model(batch), atol=1e-6)
     # Registering the same training again finds the version instead of adding one.
     again = register_candidate(params(project), project / "models", project)
     assert again.reused and again.version == registration.version
