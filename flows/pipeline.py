@@ -146,11 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def preflight(workspace: Path) -> None:
-    """What fails before Prefect starts (seconds sooner): params.yaml, and data.url's host name
-    when the fetch stage will have to download (a fresh clone on a machine without network)."""
-    data = load_params(workspace / "params.yaml").data
-    if needs_download(data, workspace):
-        check_resolves(data.url)
+    """What fails before Prefect starts (seconds sooner): params.yaml, data.url's host name when
+    the fetch stage will have to download (a fresh clone on a machine without network), and the
+    ImageNet weights' host when they are needed and not cached."""
+    params = load_params(workspace / "params.yaml")
+    if needs_download(params.data, workspace):
+        check_resolves(params.data.url)
+    if params.model.weights == "imagenet":
+        from finetune.model.factory import check_weights_reachable  # torch: only when needed
+
+        check_weights_reachable(params.model.arch, params.model.weights)
 
 
 def failure_message(err: Exception, verbose: bool) -> str:

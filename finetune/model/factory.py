@@ -8,6 +8,8 @@ and put a new, Xavier-initialised output layer with one output per class in its 
 from __future__ import annotations
 
 import logging
+import socket
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -67,17 +69,43 @@ def new_head(in_features: int, num_classes: int) -> nn.Linear:
 
 def _imagenet(builder: Callable[..., nn.Module], weights: WeightsEnum) -> nn.Module:
     """Through torchvision's own code: downloaded once into the torch hub cache, then offline."""
-    # Where torch.hub.load_state_dict_from_url looks before downloading (the URL's file name).
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
         return builder(weights=weights)
     except Exception as err:  # no network, proxy, a bad cache file: all end here
-        raise WeightsError(
-            f"Could not get the ImageNet weights from {weights.url} ({type(err).__name__}: {err}). "
-            f"Download that file on a machine with network access and place it at {cached} (the "
-            "torch hub cache, replacing any broken file there; TORCH_HOME moves it), or set "
-            "model.weights in params.yaml to a local state_dict file (torch.save(model.state_dict(), path))."
-        ) from None
+        raise WeightsError(offline_route(weights.url, f"{type(err).__name__}: {err}")) from None
+
+
+def hub_file(url: str) -> Path:
+    """Where torch.hub.load_state_dict_from_url looks before downloading ``url`` (the URL's file
+    name in the torch hub cache; TORCH_HOME moves it)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def offline_route(url: str, why: str) -> str:
+    """The message for ImageNet weights that could not be had: what failed, and the air-gapped
+    route (the exact file, where it goes, the one command that fetches it, or a local file)."""
+    cached = hub_file(url)
+    return (f"Could not get the ImageNet weights from {url} ({why}). On a machine with network access, "
+            f"run `curl -L -o {cached.name} {url}` and copy {cached.name} to {cached} here (the torch "
+            "hub cache, replacing any broken file there; TORCH_HOME moves it), or set model.weights in "
+            "params.yaml to a local state_dict file (torch.save(model.state_dict(), path)).")
+
+
+def check_weights_reachable(arch: str, weights: str, url: str | None = None) -> None:
+    """Before a pipeline starts: ImageNet weights that are not in the torch hub cache must come
+    from a host name that resolves here (or through a proxy); else the WeightsError of
+    :func:`offline_route`, in a second instead of minutes into training. ``url``: the weights'
+    file (default: torchvision's for ``arch``)."""
+    if weights != "imagenet":
+        return
+    url = url or imagenet_weights(arch).url
+    host = urlparse(url).hostname
+    if hub_file(url).is_file() or not host or urllib.request.getproxies():
+        return
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise WeightsError(offline_route(url, f"the host name {host} does not resolve: {err.strerror or err}")) from None
 
 
 def load_backbone(model: nn.Module, path: Path) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from finetune.errors import ConfigError
 from finetune.model.archs import ARCHS, BLOCKS
-from finetune.model.factory import WeightsError, block_modules, build_model, imagenet_weights
+from finetune.model.factory import WeightsError, block_modules, build_model, check_weights_reachable, imagenet_weights
 from finetune.train.strategy import freeze, param_groups, train_mode, unfreeze
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the file name in ResNet18_Weights.IMAGENET1K_V1.url
@@ -172,3 +172,24 @@ def test_freeze_keeps_backbone_weights_and_batchnorm_statistics():
     assert any(k.startswith("layer4.") and k.endswith("conv1.weight") for k in changed)
     assert "fc.weight" in changed
     assert not any(k.startswith(("layer3.", "layer2.", "layer1.", "conv1.", "bn1.")) for k in changed)
+
+
+NO_HOST = "https://weights.nonexistent.invalid/models/resnet18-f37072fd.pth"  # .invalid never resolves
+
+
+def test_unreachable_imagenet_weights_fail_before_training_with_the_offline_route(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(WeightsError) as caught:
+        check_weights_reachable("resnet18", "imagenet", url=NO_HOST)
+    message = str(caught.value)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert "the host name weights.nonexistent.invalid does not resolve" in message
+    assert f"curl -L -o resnet18-f37072fd.pth {NO_HOST}" in message and f"to {cached} here" in message
+    assert "model.weights" in message and "\n" not in message
+    # Once the file is where torchvision looks, nothing is fetched and nothing is checked.
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    check_weights_reachable("resnet18", "imagenet", url=NO_HOST)
+    check_weights_reachable("resnet18", "none", url=NO_HOST)  # no ImageNet weights asked for
