@@ -26,7 +26,7 @@ from flows.notify import notify
 from flows.plan import stage_order, stale_stages
 from tasks.dvc import StageFailed, StageRun, fetch_stage, run_stage, up_to_date
 from tasks.registry import nothing_registered, promotion_gate
-from tasks.report import close_pipeline_run, publish_report
+from tasks.report import close_pipeline_run, closing_lines, publish_report
 
 # When the pipeline started, for the stages' MLflow parent run (finetune/tracking/store.py
 # START_ENV: the same name; importing MLflow here to read it would cost seconds at every start).
@@ -103,15 +103,14 @@ def notify_failure(flow, flow_run, state) -> None:
 
 
 @flow(name="finetune-pipeline", on_failure=[notify_failure])
-def pipeline(workspace: str = ".") -> list[StageRun]:
+def pipeline(workspace: str = ".") -> tuple[list[StageRun], dict | None]:
     """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
     fails the flow (and nothing after it runs). Waits while another run trains there, saying
-    whom it waits for, at most ``retrain.wait_timeout_s``."""
+    whom it waits for, at most ``retrain.wait_timeout_s``. The stages run and the gate's decision."""
     root = Path(workspace).resolve()
     timeout = load_params(root / "params.yaml").retrain.wait_timeout_s
     with workspace_lock(root, wait=True, timeout_s=timeout, say=get_run_logger().warning):
-        runs, _ = run_pipeline(root)
-    return runs
+        return run_pipeline(root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pipeline failed before its first stage: {err}", file=sys.stderr)
         return 1
     try:
-        pipeline(args.workspace)
+        _, decision = pipeline(args.workspace)
     except Exception as err:  # the flow's state and logs (and the Prefect UI) hold the details
         print(failure_message(err, args.verbose), file=sys.stderr)
         if quiet:
@@ -142,7 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from finetune.demo.workspace import record_run
 
         print(record_run(Path(args.workspace), args.tag))
+    workspace = Path(args.workspace)
+    print("\n".join(closing_lines(load_params(workspace / "params.yaml"), workspace, decision, has_remote(workspace))))
     return 0
+
+
+def has_remote(workspace: Path) -> bool:
+    """Whether the DVC project has a remote (in .dvc/config or .dvc/config.local)."""
+    files = (workspace / ".dvc" / "config", workspace / ".dvc" / "config.local")
+    return any('remote "' in path.read_text() for path in files if path.is_file())
 
 
 def preflight(workspace: Path) -> None:

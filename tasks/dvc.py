@@ -26,6 +26,9 @@ _ERROR = "error: "
 # says once how to record a run; so the reminder is left out of the task log.
 _GIT_NOTICE = ("To track the changes with git, run:", "To enable auto staging, run:")
 _GIT_NOTICE_BODY = ("git add ", "dvc config core.autostage")
+# DVC's push notice, after every stage that wrote outputs (eleven times in a demo): the flow's
+# closing lines say it once, when the workspace has a DVC remote (flows/pipeline.py).
+PUSH_NOTICE = "Use `dvc push` to send your updates to remote storage."
 
 
 class StageFailed(RuntimeError):
@@ -111,13 +114,17 @@ def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]
 
 
 def without_git_notices(lines: Iterable[str]) -> Iterator[str]:
-    """``lines`` less DVC's git reminders (see _GIT_NOTICE) and the blank lines around them."""
+    """``lines`` less DVC's git reminders (see _GIT_NOTICE) and the blank lines around them, and
+    its push notice (PUSH_NOTICE)."""
     blanks = 0  # blank lines held back: they belong to a reminder if one follows
     in_notice = False
     for line in lines:
         text = line.strip()
         if not text:
             blanks += 1
+            continue
+        if text == PUSH_NOTICE:  # ends a reminder too: what follows is the stage's own again
+            blanks, in_notice = 0, False
             continue
         if text in _GIT_NOTICE or (in_notice and text.startswith(_GIT_NOTICE_BODY)):
             blanks, in_notice = 0, True

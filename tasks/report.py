@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from finetune.config import Params, load_params
 from finetune.evaluate.metrics import uncertainty_words
-from finetune.evaluate.report import comparison_lines
+from finetune.evaluate.report import comparison_lines, verdict_line
 
 ARTIFACT_KEY = "finetune-pipeline-report"
 
@@ -48,9 +48,26 @@ def outcome_lines(params: Params, workspace: Path, decision: dict | None) -> lis
         else:
             lines.append(f"**Registered**: nothing: {r.get('reason', 'no reason recorded')}.")
     if decision:
-        lines.append(f"**Promotion**: {decision['action']} — production v{decision['production_before']} → "
-                     f"v{decision['production_after']}: {decision['reason']}")
+        before, after = (f"v{v}" if v else "none" for v in (decision["production_before"], decision["production_after"]))
+        lines.append(f"**Promotion**: {decision['action']} — production {before} → {after}: {decision['reason']}")
     return lines
+
+
+def closing_lines(params: Params, workspace: Path, decision: dict | None, pushable: bool) -> list[str]:
+    """What a finished run prints last, in at most 6 plain lines: the verdict, what was
+    registered and what the gate decided, where to look, and (``pushable``: the workspace has a
+    DVC remote) that `dvc push` shares the new data and models."""
+    lines = []
+    metrics_file = workspace / params.evaluate.metrics
+    if metrics_file.exists():
+        lines.append(f"Verdict: {verdict_line(json.loads(metrics_file.read_text()))}")
+    lines += [line.replace("**", "").replace("`", "") for line in outcome_lines(params, workspace, decision)]
+    there = "" if workspace.resolve() == Path.cwd().resolve() else f" WORKSPACE={workspace}"
+    lines.append(f"Look: {workspace / params.evaluate.report} · `make ui{there}` (MLflow: runs, models) · "
+                 "Prefect's UI keeps every flow run when `make scheduler` runs them")
+    if pushable:
+        lines.append("Share it: `dvc push` sends the new data and models to the DVC remote.")
+    return [line if len(line) <= 300 else line[:297] + "..." for line in lines][:6]
 
 
 @task(name="pipeline-report")

@@ -110,7 +110,7 @@ def test_the_final_message_carries_a_stages_whole_error_or_points_at_the_log():
     assert failure_message(TimeoutError("lock"), verbose=False) == expected
 
 
-def test_dvcs_git_reminder_is_left_out_of_the_task_log_and_nothing_else():
+def test_dvcs_git_reminder_and_push_notice_are_left_out_of_the_task_log_and_nothing_else():
     from tasks.dvc import without_git_notices
 
     # What dvc repro prints after a stage (dvc/repo/scm_context.py), between the stage's own lines.
@@ -121,5 +121,4 @@ def test_dvcs_git_reminder_is_left_out_of_the_task_log_and_nothing_else():
               "  git add is fine in a stage's own output")
     kept = list(without_git_notices(output.splitlines()))
     assert kept == ["Running stage 'fetch':", "> python -m finetune.stages.fetch", "", "Updating lock file 'dvc.lock'",
-                    "Use `dvc push` to send your updates to remote storage.", "",
-                    "  git add is fine in a stage's own output"]
+                    "", "  git add is fine in a stage's own output"]

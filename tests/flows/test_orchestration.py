@@ -110,6 +110,14 @@ def test_a_waiting_run_goes_on_once_the_holder_is_gone(busy):
     assert len(said) == 1
 
 
+VALUES = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "log_loss": 0.3}
+# The evaluate stage's metrics of a run where finetune wins 0.9 to 0.8 on 100 test images.
+EVALUATED = {"finetune": VALUES, "scratch": {k: v - 0.1 for k, v in VALUES.items()},
+             "comparison": {"challenger": "finetune", "baseline": "scratch", "test_images": 100,
+                            "delta": {k: 0.1 for k in VALUES},
+                            "mcnemar": {"challenger_only": 9, "baseline_only": 1, "discordant": 10, "p_value": 0.0215}}}
+
+
 def test_report_markdown_from_the_stage_files(tmp_path):
     write_params(REPO / "params.yaml", tmp_path / "params.yaml", {"study.enabled": True})
     params = load_params(tmp_path / "params.yaml")
@@ -117,12 +125,7 @@ def test_report_markdown_from_the_stage_files(tmp_path):
     metrics.parent.mkdir(parents=True)
     (tmp_path / params.study.plots).mkdir(parents=True)
     (tmp_path / params.study.plots / "summary.json").write_text(json.dumps({"verdict": "fine-tuning wins."}))
-    values = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9, "f1": 0.9, "log_loss": 0.3}
-    metrics.write_text(json.dumps({"finetune": values, "scratch": {k: v - 0.1 for k, v in values.items()},
-                                   "comparison": {"challenger": "finetune", "baseline": "scratch", "test_images": 100,
-                                                  "delta": {k: 0.1 for k in values},
-                                                  "mcnemar": {"challenger_only": 9, "baseline_only": 1,
-                                                              "discordant": 10, "p_value": 0.0215}}}))
+    metrics.write_text(json.dumps(EVALUATED))
     decision = {"action": "refused", "production_before": "3", "production_after": "3", "reason": "gain -0.01"}
     text = pipeline_markdown(params, tmp_path, decision, [StageRun("fetch", 0.5, True), StageRun("train@finetune", 61.0, False)])
     assert text.splitlines()[2].startswith("**Verdict**: finetune beats scratch on test accuracy: 0.900 vs 0.800")
@@ -185,3 +188,30 @@ def test_fetch_is_retried_only_fornetwork_failures(lines, retried):
 
     assert network_failure(None, None, Failed(data=StageFailed("stage 'fetch' failed", lines))) is retried
     assert network_failure(None, None, Failed(data=ValueError("other"))) is False
+
+
+def test_a_finished_run_ends_with_its_answer_in_at_most_six_lines(tmp_path):
+    """The verdict, the registered version, the gate's decision, where to look, and the push
+    notice DVC would print after every stage, said once (only with a remote)."""
+    from flows.pipeline import has_remote
+    from tasks.report import closing_lines
+
+    params = load_params(REPO / "params.yaml")
+    (tmp_path / params.evaluate.metrics).parent.mkdir(parents=True)
+    (tmp_path / params.evaluate.metrics).write_text(json.dumps(EVALUATED))
+    (tmp_path / params.register_.record).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / params.register_.record).write_text(json.dumps(
+        {"registered": True, "model_name": "hotdog-classifier", "version": "3", "variant": "finetune",
+         "metric": "val_acc", "value": 0.9, "run_id": "abc"}))
+    decision = {"action": "promoted", "production_before": "2", "production_after": "3", "reason": "better"}
+    assert not has_remote(tmp_path)
+    lines = closing_lines(params, tmp_path, decision, has_remote(tmp_path))
+    assert len(lines) == 4 and lines[0].startswith("Verdict: finetune beats scratch")
+    assert lines[1].startswith("Registered: hotdog-classifier version 3 (finetune")
+    assert lines[2] == "Promotion: promoted — production v2 → v3: better"
+    assert lines[3].startswith(f"Look: {tmp_path / params.evaluate.report} · `make ui WORKSPACE={tmp_path}`")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text('[core]\n    remote = shared\n[\'remote "shared"\']\n    url = s3://b\n')
+    with_remote = closing_lines(params, tmp_path, decision, has_remote(tmp_path))
+    assert len(with_remote) == 5 and "dvc push" in with_remote[-1]
+    assert all("**" not in line and len(line) <= 300 for line in with_remote)
