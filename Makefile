@@ -61,9 +61,12 @@ bench: $(STAMP)
 WORKSPACE ?= .
 # MLflow 3's UI opens experiments on its GenAI view (a browser setting, whatever the experiment's
 # kind); ?workflowType=machine_learning opens the runs list.
+# UI_PORT: another port when 5000 is taken (a busy port is refused before anything starts).
+UI_PORT ?= 5000
 ui: $(STAMP)
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
-	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port 5000
+	@$(PY) -m finetune.ports UI_PORT $(UI_PORT)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
 # DVC's views of a workspace (WORKSPACE=demo after `make demo`): what is stale and the pipeline's
 # DAG; the metrics; the plots (HTML in dvc_plots/, which loads Vega from a CDN; the evaluate stage

@@ -215,3 +215,16 @@ output lines are not commands: dvc whatever
         assert sum(phrase in problem for problem in problems) >= 1, (phrase, problems)
     assert len(problems) == len(expected) + 1, problems  # dvc twice: status and dag
     assert not any("promote" in problem or "stages.md" in problem.split("link ")[-1][:10] for problem in problems)
+
+
+def test_make_ui_refuses_a_busy_port_in_one_line_before_starting(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run(["make", "-s", "ui", f"UI_PORT={port}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+    assert done.returncode != 0 and "MLflow UI:" not in done.stdout
+    assert f"port {port} on 127.0.0.1 is already in use by another program: set UI_PORT" in done.stderr
