@@ -150,6 +150,13 @@ def prefect_env(tmp_path_factory) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # A torch hub cache that holds the ImageNet weights' file name, so that the pipeline's
+    # preflight (which resolves the weights' host only when the file is missing) passes alike on
+    # machines with and without DNS; nothing run with this environment loads ImageNet weights.
+    hub = tmp_path_factory.mktemp("torch")
+    (hub / "hub" / "checkpoints").mkdir(parents=True)
+    (hub / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"not loaded by these tests")
+    env["TORCH_HOME"] = str(hub)
     return env
 
 
