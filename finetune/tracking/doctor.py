@@ -134,7 +134,7 @@ def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
         model, why = _load(f"models:/{name}/{aliases[alias]}", project)
         if why is None:
             findings += _check_portable(name, alias, aliases[alias], model)
-            findings += _check_chance(params, project, alias, aliases[alias])
+            findings += _check_chance(params, project, alias, aliases[alias], model)
             continue
         if alias == CANDIDATE:
             findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REREGISTER))
@@ -146,13 +146,13 @@ def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
     return findings
 
 
-def _check_chance(params: Params, project: Path, alias: str, version: str) -> list[Finding]:
+def _check_chance(params: Params, project: Path, alias: str, version: str, model) -> list[Finding]:
     """The version ``alias`` points at, scored on the current test split, against chance
     (evaluate.chance_p): at chance is a note for the candidate (the gate refuses it) and a
     failure for production (it serves answers no better than guessing)."""
     label = f"{params.register_.model_name}@{alias} (v{version})"
     try:
-        chance = evaluate_registered(params, f"models:/{params.register_.model_name}/{version}", project).chance
+        chance = evaluate_registered(params, f"models:/{params.register_.model_name}/{version}", project, model).chance
     except Exception as err:  # the model loads (checked before): the test split is what is missing
         why = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         return [Finding(f"{label} could not be tested against chance on the current test split: {why}",

@@ -62,7 +62,11 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.classes, self.settings, self.info = card["classes"], card["settings"], card["info"]
         m = self.settings["model"]
         self.transform = portable.eval_transform(m["test_resize"], m["test_crop"], m["resize_mode"])
-        limits = json.loads(Path(context.artifacts["limits"]).read_text())
+        self.registered_limits(json.loads(Path(context.artifacts["limits"]).read_text()))
+
+    def registered_limits(self, limits: dict) -> None:
+        """The limits registered with the model (``max_image_mb``, ``max_pixels``; Pillow's own
+        pixel limit and 20 MB where one is missing)."""
         self.set_limits(limits.get("max_image_mb", 20), limits.get("max_pixels", Image.MAX_IMAGE_PIXELS or 89_478_485))
 
     def set_limits(self, max_image_mb: float, max_pixels: int, pixels_setting: str = "validate.max_pixels") -> None:

@@ -84,7 +84,7 @@ class ImageClassifierModel(portable_model.ImageClassifierModel):
         limits = context.model_config or {}
         if "limits" in context.artifacts:
             limits = json.loads(Path(context.artifacts["limits"]).read_text())
-        self.set_limits(limits.get("max_image_mb", 20), limits.get("max_pixels", Image.MAX_IMAGE_PIXELS or 89_478_485))
+        self.registered_limits(limits)
 
 
 def served_classifier(model) -> Classifier:
@@ -334,9 +334,10 @@ def serve(uri: str, host: str, port: int, project: Path = Path("."), limits: Ser
     uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
 
 
-def evaluate_registered(params: Params, uri: str, project: Path = Path(".")) -> VariantEval:
-    """A registered model (``models:/name@alias``, ``models:/name/3``, ...) on the current test split."""
-    classifier = served_classifier(load_served(uri, project))
+def evaluate_registered(params: Params, uri: str, project: Path = Path("."), model=None) -> VariantEval:
+    """A registered model (``models:/name@alias``, ``models:/name/3``, ...) on the current test
+    split; ``model``: that model already loaded (not loaded again)."""
+    classifier = served_classifier(model or load_served(uri, project))
     return evaluate_classifier(uri, classifier, project / params.data.dir, project / params.validate_.files,
                                params.evaluate)
 
