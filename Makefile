@@ -61,20 +61,29 @@ bench: $(STAMP)
 WORKSPACE ?= .
 # MLflow 3's UI opens experiments on its GenAI view (a browser setting, whatever the experiment's
 # kind); ?workflowType=machine_learning opens the runs list.
-# UI_PORT: another port when 5000 is taken (a busy port is refused before anything starts).
-UI_PORT ?= 5000
+# Ports: ports: in params.yaml; UI_PORT, SERVE_PORT, PREFECT_PORT, S3_PORT, POSTGRES_PORT override
+# one for a command. A busy port is refused in one line before anything starts.
+UI_PORT ?=
+SERVE_PORT ?=
+PREFECT_PORT ?=
+S3_PORT ?=
+POSTGRES_PORT ?=
 ui: $(STAMP)
-	@$(PY) -m finetune.ports UI_PORT $(UI_PORT)
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"
-	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port $(UI_PORT)
+	@port=$$($(PY) -m finetune.ports ui $(UI_PORT)) || exit 2; \
+	echo "MLflow UI: http://127.0.0.1:$$port/#/experiments?workflowType=machine_learning"; \
+	cd $(WORKSPACE) && exec $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db \
+	  --default-artifact-root mlflow/artifacts --host 127.0.0.1 --port $$port
 
-# DVC's views of a workspace (WORKSPACE=demo after `make demo`): what is stale and the pipeline's
-# DAG; the metrics; the plots (HTML in dvc_plots/, which loads Vega from a CDN; the evaluate stage
+# DVC's views of a workspace (WORKSPACE=demo after `make demo`): what is stale; the pipeline, a
+# stage a line with the stages it runs after (finetune/dag.py reads `dvc dag --dot`; plain `dvc dag`
+# draws it some 200 characters wide); the headline metrics, one row (metrics/summary.json; every
+# other number: `dvc metrics show metrics/evaluate.json`, or validate.json, train/<variant>.json,
+# study.json); the plots (HTML in dvc_plots/, which loads Vega from a CDN; the evaluate stage
 # also writes PNGs to plots/evaluate/).
 status: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc status
 dag: $(STAMP)
-	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc dag
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune.dag
 metrics: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc metrics show
 plots: $(STAMP)
@@ -101,21 +110,22 @@ rollback: $(STAMP)
 errors: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune errors $(if $(MODEL),--model $(MODEL))
 
-# The production model (models:/<register.model_name>@production) over REST on 127.0.0.1:<serve.port>;
+# The production model (models:/<register.model_name>@production) over REST on 127.0.0.1:<ports.serve>;
 # `make serve WORKSPACE=demo` after `make demo`. POST {"dataframe_records": [{"image": "<base64>"}]}
 # to /invocations; the answer holds the class and every class's probability.
 serve: $(STAMP)
-	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune serve
+	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 # Do dvc.lock, models/, the MLflow runs and the registry agree? Prints each mismatch with the
 # command that repairs it; exit 1 if any.
 doctor: $(STAMP)
 	cd $(WORKSPACE) && $(CURDIR)/$(PY) -m finetune doctor
 
-# Scheduled retraining (retrain.cron in params.yaml): a real Prefect server on 127.0.0.1:4200
-# (state in .prefect/) and the retrain deployment served against it; Ctrl-C stops both.
+# Scheduled retraining (retrain.cron in params.yaml): a real Prefect server on 127.0.0.1:<ports.prefect>
+# (state in .prefect/; its UI talks to that port) and the retrain deployment served against it;
+# Ctrl-C stops both.
 scheduler: $(STAMP)
-	$(PY) -m flows.server --workspace $(WORKSPACE)
+	$(PY) -m flows.server --workspace $(WORKSPACE) $(if $(PREFECT_PORT),--port $(PREFECT_PORT))
 
 # The same deployment for a Prefect server with work pools (prefect.yaml): needs PREFECT_API_URL
 # and a process work pool; then `FINETUNE_PROJECT=$$PWD prefect worker start --pool finetune-process`.
@@ -131,7 +141,7 @@ deploy: $(STAMP)
 # deletes .stack/).
 .PHONY: stack stack-down
 stack: $(STAMP)
-	$(PY) -m stack up
+	$(PY) -m stack up $(foreach v,UI PREFECT S3 POSTGRES,$(if $($(v)_PORT),--port $(v)=$($(v)_PORT)))
 stack-down:
 	$(PY) -m stack down $(if $(PURGE),--purge)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from finetune.command import execute, parser
 from finetune.config import Params
+from finetune.ports import check_free
 
 # Stages and tools import torch and MLflow: each is imported only when it runs (function-level
 # imports below), so that `python -m finetune promote` does not load every stage.
@@ -87,7 +88,8 @@ def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     """Serve a registered model (default: production) over REST (MLflow's scoring app, behind limits)."""
     from finetune.tracking.serving import serve
 
-    serve(_model_uri(params, args), params.serve.host, args.port or params.serve.port, limits=params.serve)
+    port = check_free("serve", args.port or params.ports.serve)  # before seconds of loading the model
+    serve(_model_uri(params, args), params.serve.host, port, limits=params.serve)
 
 
 def cmd_errors(params: Params, args: argparse.Namespace) -> None:
@@ -156,7 +158,7 @@ def _registry_commands(sub) -> None:
     predict.set_defaults(func=cmd_predict)
     serve = sub.add_parser("serve", help=cmd_serve.__doc__)
     serve.add_argument("--model", help=model_help)
-    serve.add_argument("--port", type=int, help="port (default: serve.port)")
+    serve.add_argument("--port", type=int, help="port (default: ports.serve; make serve SERVE_PORT=...)")
     serve.set_defaults(func=cmd_serve)
     errors = sub.add_parser("errors", help=cmd_errors.__doc__)
     errors.add_argument("--model", help=model_help)

@@ -309,11 +309,32 @@ class RegisterConfig(Section):
     record: Path  # the register stage's output: the version it made (JSON)
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class PortsConfig(Section):
+    """``ports:`` where each server listens on 127.0.0.1 (make variables override one per command)."""
+
+    ui: Port
+    serve: Port
+    prefect: Port
+    s3: Port
+    postgres: Port
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PortsConfig:
+        values = self.model_dump()
+        for name, port in values.items():
+            same = [other for other, p in values.items() if p == port and other != name]
+            if same:
+                raise ValueError(f"ports.{name} and ports.{same[0]} are both {port}: give each server its own port")
+        return self
+
+
 class ServeConfig(Section):
     """``serve:`` the REST endpoint of the production model (`make serve`)."""
 
     host: str
-    port: int = Field(ge=1, le=65535)
     max_image_mb: float = Field(gt=0)  # larger encoded images are refused (400), as are > validate.max_pixels
     max_pixels: int = Field(ge=1)  # the server refuses (400) an image whose header declares more, undecoded
     max_request_mb: float = Field(gt=0)  # a larger request body is refused (413) before it is read or parsed
@@ -374,6 +395,7 @@ class Params(Section):
     study: StudyConfig
     # ``register:`` in the file; BaseModel's metaclass (an ABCMeta) has register().
     register_: RegisterConfig = Field(alias="register")
+    ports: PortsConfig
     serve: ServeConfig
     retrain: RetrainConfig
     notify: NotifyConfig

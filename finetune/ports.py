@@ -1,11 +1,29 @@
-"""`python -m finetune.ports NAME PORT`: exit 2 with one line naming the setting when PORT is
-taken on 127.0.0.1, before a server starts (a server that fails on a busy port after printing
-its URL leaves that URL pointing at whatever holds the port)."""
+"""Every server's port, from one place: ``ports:`` of params.yaml, or the make variable that
+overrides it for one command (``make ui UI_PORT=5050``).
+
+`python -m finetune.ports NAME [PORT]` prints the port the server ``NAME`` (ui, serve, prefect,
+s3, postgres) is to use, PORT when given, else ``ports.NAME``; when that port is taken on
+127.0.0.1 it prints one line naming the make variable and the params key instead, and exits 2,
+before anything starts (a server that fails on a busy port after printing its URL leaves that
+URL pointing at whatever holds the port).
+"""
 
 from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+# The make variable that overrides each ports.<name> (Makefile).
+VARIABLES = {"ui": "UI_PORT", "serve": "SERVE_PORT", "prefect": "PREFECT_PORT", "s3": "S3_PORT",
+             "postgres": "POSTGRES_PORT"}
+
+
+class PortBusy(FinetuneError):
+    """The port a server is to listen on is taken."""
 
 
 def busy(port: int, host: str = "127.0.0.1") -> bool:
@@ -15,11 +33,37 @@ def busy(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
-def main(argv: list[str]) -> int:
-    name, port = argv[0], int(argv[1])
+def configured(name: str, params_file: Path = Path("params.yaml")) -> int:
+    """``ports.<name>`` of ``params_file``."""
+    from finetune.config import load_params  # noqa: PLC0415 (pydantic: only when no port is given)
+
+    return int(getattr(load_params(params_file).ports, name))
+
+
+def check_free(name: str, port: int) -> int:
+    """``port``, when nothing listens there; else :class:`PortBusy` naming how to choose another."""
     if busy(port):
-        print(f"port {port} on 127.0.0.1 is already in use by another program: set {name} to a free "
-              f"port (e.g. make ... {name}={port + 1}), or stop what listens there.", file=sys.stderr)
+        variable = VARIABLES[name]
+        raise PortBusy(f"port {port} on 127.0.0.1 is already in use by another program: set {variable} to a free "
+                       f"port for this command (make ... {variable}={port + 1}) or ports.{name} in params.yaml, "
+                       "or stop what listens there.")
+    return port
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in VARIABLES or len(argv) > 2:
+        print(f"usage: python -m finetune.ports {{{','.join(VARIABLES)}}} [PORT]", file=sys.stderr)
+        return 2
+    name = argv[0]
+    try:
+        port = int(argv[1]) if len(argv) == 2 else configured(name)
+        print(check_free(name, port))
+    except ValueError:
+        print(f"{VARIABLES[name]}={argv[1]} is not a port number: give a number such as "
+              f"{VARIABLES[name]}=5050.", file=sys.stderr)
+        return 2
+    except FinetuneError as err:
+        print(err, file=sys.stderr)
         return 2
     return 0
 

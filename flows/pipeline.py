@@ -26,7 +26,7 @@ from flows.notify import notify
 from flows.plan import stage_order, stale_stages
 from tasks.dvc import StageFailed, StageRun, fetch_stage, run_stage, up_to_date
 from tasks.registry import nothing_registered, promotion_gate
-from tasks.report import close_pipeline_run, closing_lines, publish_report
+from tasks.report import close_pipeline_run, closing_lines, look_links, publish_report
 
 # When the pipeline started, for the stages' MLflow parent run (finetune/tracking/store.py
 # START_ENV: the same name; importing MLflow here to read it would cost seconds at every start).
@@ -34,10 +34,11 @@ PIPELINE_START_ENV = "FINETUNE_PIPELINE_START"
 TRAIN_STAGE = ("search@", "train@")  # the stages that make (or continue) the pipeline's parent run
 
 
-def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dict | None]:
-    """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the report, notifications,
-    then the end of the pipeline's MLflow parent run (once a training ran: only then is there
-    one). Call it inside a flow, holding the workspace lock."""
+def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dict | None, dict[str, str]]:
+    """Every stage of ``root`` (fetch forced when ``refresh``), the gate, the end of the
+    pipeline's MLflow parent run (once a training ran: only then is there one), the report and
+    its links, notifications. Call it inside a flow, holding the workspace lock. The stages run,
+    the gate's decision and where to look (tasks/report.py look_links)."""
     logger = get_run_logger()
     runs: list[StageRun] = []
     attempted: list[str] = []
@@ -55,13 +56,14 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
                     run.seconds)
     decision = gate(root) if any(run.stage == "register" for run in runs) else None
     params = load_params(root / "params.yaml")
-    publish_report(params, root, decision, runs)
     if any(run.stage.startswith(TRAIN_STAGE) and not run.skipped for run in runs):
         close_pipeline_run(root, decision)
+    links = look_links(root)
+    publish_report(params, root, decision, runs, links)
     if decision and decision["action"] in ("promoted", "refused"):
         event = "promotion" if decision["action"] == "promoted" else "refusal"
         notify(params.notify, event, {"workspace": str(root), "message": decision["reason"], "decision": decision})
-    return runs, decision
+    return runs, decision, links
 
 
 def gate(root: Path) -> dict | None:
@@ -103,10 +105,10 @@ def notify_failure(flow, flow_run, state) -> None:
 
 
 @flow(name="finetune-pipeline", on_failure=[notify_failure])
-def pipeline(workspace: str = ".") -> tuple[list[StageRun], dict | None]:
+def pipeline(workspace: str = ".") -> tuple[list[StageRun], dict | None, dict[str, str]]:
     """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
     fails the flow (and nothing after it runs). Waits while another run trains there, saying
-    whom it waits for, at most ``retrain.wait_timeout_s``. The stages run and the gate's decision."""
+    whom it waits for, at most ``retrain.wait_timeout_s``. What :func:`run_pipeline` returns."""
     root = Path(workspace).resolve()
     timeout = load_params(root / "params.yaml").retrain.wait_timeout_s
     with workspace_lock(root, wait=True, timeout_s=timeout, say=get_run_logger().warning):
@@ -131,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pipeline failed before its first stage: {err}", file=sys.stderr)
         return 1
     try:
-        _, decision = pipeline(args.workspace)
+        _, decision, links = pipeline(args.workspace)
     except Exception as err:  # the flow's state and logs (and the Prefect UI) hold the details
         print(failure_message(err, args.verbose), file=sys.stderr)
         if quiet:
@@ -142,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(record_run(Path(args.workspace), args.tag))
     workspace = Path(args.workspace)
-    print("\n".join(closing_lines(load_params(workspace / "params.yaml"), workspace, decision, has_remote(workspace))))
+    print("\n".join(closing_lines(load_params(workspace / "params.yaml"), workspace, decision, has_remote(workspace),
+                                  links)))
     return 0
 
 

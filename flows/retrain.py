@@ -33,7 +33,7 @@ def retrain(workspace: str = ".") -> dict:
     cfg = params.retrain
     try:
         with workspace_lock(root, wait=cfg.if_running == "wait", timeout_s=cfg.wait_timeout_s, say=logger.warning):
-            runs, decision = run_pipeline(root, refresh=True)
+            runs, decision, _ = run_pipeline(root, refresh=True)
     except WorkspaceBusy as err:
         logger.warning("retraining skipped: %s (retrain.if_running: %s)", err, cfg.if_running)
         return {"skipped": str(err)}

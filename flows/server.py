@@ -16,11 +16,16 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from finetune.errors import FinetuneError
+from finetune.ports import check_free, configured
+
 
 def start_server(home: Path, port: int, timeout: float = 180) -> subprocess.Popen:
-    """`prefect server start` on 127.0.0.1:``port`` with PREFECT_HOME=``home``, once healthy."""
+    """`prefect server start` on 127.0.0.1:``port`` with PREFECT_HOME=``home``, once healthy; its
+    UI talks to the API on the same port (PREFECT_UI_API_URL, else a profile's 4200)."""
     home.mkdir(parents=True, exist_ok=True)
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     env.pop("PREFECT_API_URL", None)
     log = (home / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -41,14 +46,19 @@ def start_server(home: Path, port: int, timeout: float = 180) -> subprocess.Pope
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.server", description=__doc__)
     parser.add_argument("--workspace", default=".", help="DVC project to retrain (default: here)")
-    parser.add_argument("--port", type=int, default=4200, help="Prefect server port (default: %(default)s)")
+    parser.add_argument("--port", type=int, help="Prefect server port (default: ports.prefect; make PREFECT_PORT=...)")
     args = parser.parse_args(argv)
     server = None
     env = dict(os.environ)
     if "PREFECT_API_URL" not in env:
-        server = start_server(Path(".prefect").resolve(), args.port)
-        env["PREFECT_API_URL"] = f"http://127.0.0.1:{args.port}/api"
-        print(f"Prefect server: http://127.0.0.1:{args.port} (state in .prefect/)", flush=True)
+        try:
+            port = check_free("prefect", args.port or configured("prefect", Path(args.workspace) / "params.yaml"))
+        except FinetuneError as err:
+            print(f"make scheduler: {err}", file=sys.stderr)
+            return 2
+        server = start_server(Path(".prefect").resolve(), port)
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        print(f"Prefect server: http://127.0.0.1:{port} (state in .prefect/)", flush=True)
     try:
         return subprocess.call([sys.executable, "-m", "flows.retrain", "--workspace", args.workspace], env=env)
     except KeyboardInterrupt:

@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 
+from finetune.ports import PortBusy, check_free
 from stack.postgres import StackError
-from stack.services import BUCKET, HEARTBEAT_S, POOL, ZOMBIES, Stack, save
+from stack.services import BUCKET, HEARTBEAT_S, PORT_KEYS, POOL, ZOMBIES, Stack, save
 
 SERVICES = ("s3", "mlflow", "prefect", "worker")  # detached processes, in start order
 
@@ -70,9 +71,21 @@ def start_worker(stack: Stack, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+def free_ports(stack: Stack) -> None:
+    """StackError naming the make variable when a service that is not running would find its port taken."""
+    running = {"postgres": stack.postgres.running()} | {name: stack.running(name) for name in ("s3", "mlflow", "prefect")}
+    for name, key in PORT_KEYS.items():
+        if not running[name]:
+            try:
+                check_free(key, getattr(stack.ports, name))
+            except PortBusy as err:
+                raise StackError(f"{name}: {err}") from None
+
+
 def up(stack: Stack, say=print) -> float:
     """Start every service that is not running; the seconds it took."""
     started = time.monotonic()
+    free_ports(stack)
     save(stack)
     stack.postgres.init()
     if not stack.postgres.running():

@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finetune.config import load_params
 from stack.postgres import Postgres, StackError
 
 BUCKET = "finetune"
@@ -29,10 +30,20 @@ HEARTBEAT_S = 30  # flow-run heartbeats: a run that misses them for 90 s is mark
 class Ports:
     """Where each service listens on 127.0.0.1."""
 
-    postgres: int = 5433
-    s3: int = 9000
-    mlflow: int = 5000
-    prefect: int = 4200
+    postgres: int
+    s3: int
+    mlflow: int
+    prefect: int
+
+    @classmethod
+    def configured(cls, params_file: Path = Path("params.yaml"), **overrides: int) -> Ports:
+        """``ports:`` of params.yaml (MLflow's server on ports.ui), with ``overrides`` by field."""
+        p = load_params(params_file).ports
+        return cls(**({"postgres": p.postgres, "s3": p.s3, "mlflow": p.ui, "prefect": p.prefect} | overrides))
+
+
+# The params key (and so the make variable: finetune/ports.py) of each service's port.
+PORT_KEYS = {"postgres": "postgres", "s3": "s3", "mlflow": "ui", "prefect": "prefect"}
 
 
 class Stack:
@@ -42,7 +53,9 @@ class Stack:
         self.root, self.project = root.resolve(), project.resolve()
         saved = self.root / "stack.json"
         state = json.loads(saved.read_text()) if saved.exists() else {}
-        self.ports = ports or Ports(**state.get("ports", {}))
+        # A stack keeps the ports it first started on (its clients' env.sh points there).
+        self.ports = ports or (Ports(**state["ports"]) if "ports" in state else
+                               Ports.configured(self.project / "params.yaml"))
         self.password = state.get("password") or secrets.token_hex(12)
         self.postgres = Postgres(self.root, self.ports.postgres, self.password)
 

@@ -20,7 +20,7 @@ from finetune.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
-from finetune.tracking.runs import log_model
+from finetune.tracking.packaging import log_classifier, served_limits
 from finetune.tracking.store import parent_run, pipeline_experiment, use_store
 
 CLASSES = ["hotdog", "not-hotdog"]
@@ -139,7 +139,7 @@ def save_variant(project: Path, variant: str, favour: int | Colour | None, tag: 
                  **validation) -> Path:
     """models/<variant>/model.pt with its own run and fingerprint ``tag``: a biased network
     (``favour`` a class or None), or the colour() network (``favour`` a Colour). ``network``: the
-    run also holds it as MLflow's pytorch flavour, as the train stage logs it. ``validation``
+    run also holds its logged classifier, as the train stage logs it. ``validation``
     overrides the model.pt info register chooses by (val_acc, val_loss, val_source, ...)."""
     settings = {"variant": variant, "train": {}, "model": MODEL, "classes": CLASSES, "weights": "none"}
     path = project / "models" / variant / "model.pt"
@@ -153,7 +153,7 @@ def save_variant(project: Path, variant: str, favour: int | Colour | None, tag: 
                selected_epoch=1, **info)
     if network:
         with mlflow.start_run(run_id=run_id):
-            log_model(model, CLASSES, params(project))
+            log_classifier(path, project / "params.yaml", served_limits(params(project)))
     return path
 
 

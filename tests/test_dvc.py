@@ -159,7 +159,9 @@ def test_repro_ends_with_a_registered_candidate_and_dvc_shows_the_evaluation(wor
     record = json.loads((workspace / "reports" / "register.json").read_text())
     assert record["model_name"] == "hotdog-classifier" and record["version"] == "1"
     assert record["variant"] in ("finetune", "scratch")
-    metrics = json.loads(dvc(workspace, "metrics", "show", "--json").stdout)
+    declared = json.loads(dvc(workspace, "metrics", "show", "--json").stdout)
+    assert list(next(iter(declared.values()))["data"]) == ["metrics/summary.json"]  # the one short table
+    metrics = json.loads(dvc(workspace, "metrics", "show", "--json", "metrics/evaluate.json").stdout)
     evaluation = next(iter(metrics.values()))["data"]["metrics/evaluate.json"]["data"]
     assert set(evaluation) == {"finetune", "scratch", "comparison"}
     assert 0 <= evaluation["comparison"]["mcnemar"]["p_value"] <= 1

@@ -217,14 +217,21 @@ output lines are not commands: dvc whatever
     assert not any("promote" in problem or "stages.md" in problem.split("link ")[-1][:10] for problem in problems)
 
 
-def test_make_ui_refuses_a_busy_port_in_one_line_before_starting(tmp_path):
+@pytest.mark.parametrize(("target", "variable", "key"), [("ui", "UI_PORT", "ui"), ("serve", "SERVE_PORT", "serve"),
+                                                       ("scheduler", "PREFECT_PORT", "prefect")])
+def test_every_server_refuses_a_busy_port_in_one_line_before_starting(target, variable, key):
+    import os
     import socket
 
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # make scheduler starts its own
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        done = subprocess.run(["make", "-s", "ui", f"UI_PORT={port}"], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
-    assert done.returncode != 0 and "MLflow UI:" not in done.stdout
-    assert f"port {port} on 127.0.0.1 is already in use by another program: set UI_PORT" in done.stderr
+        done = subprocess.run(["make", "-s", target, f"{variable}={port}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env=env)
+    assert done.returncode != 0 and "http://" not in done.stdout  # no URL printed for a server that is not there
+    problem = [line for line in done.stderr.splitlines() if "already in use" in line]
+    assert len(problem) == 1, done.stderr
+    assert f"port {port} on 127.0.0.1 is already in use by another program: set {variable}" in problem[0]
+    assert f"ports.{key} in params.yaml" in problem[0] and "Traceback" not in done.stderr

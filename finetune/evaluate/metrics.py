@@ -240,3 +240,24 @@ def uncertainty_words(value: float, uncertainty: dict | None) -> str:
         return f"{value:.4f} ± {uncertainty['sd']:.4f} (sd over {folds if folds else 'the'} folds)"
     low, high = uncertainty["ci95"]
     return f"{value:.4f} (95% interval {low:.4f}–{high:.4f}, {uncertainty['images']} {uncertainty['source']} images)"
+
+
+def summary_document(document: dict, validation: dict | None) -> dict:
+    """What `dvc metrics show` prints, at most 11 numbers whatever the number of variants: for the
+    challenger and the baseline the test accuracy (``acc``) and its exact 95% interval
+    (``ci95_lo``, ``ci95_up``); ``delta_acc`` (challenger - baseline), the McNemar ``mcnemar_p``,
+    ``test_images``; from ``validation`` (the validate stage's metrics; None: left out) whether
+    the data passed, ``validated``, and the files it let through, ``files_used``. ``document`` is
+    the evaluate metrics document, which keeps every other number."""
+    comparison = document["comparison"]
+    summary: dict = {}
+    for name in (comparison["challenger"], comparison["baseline"]):
+        entry = document[name]
+        summary[name] = {"acc": entry["accuracy"]}
+        if "accuracy_ci95_low" in entry:
+            summary[name] |= {"ci95_lo": entry["accuracy_ci95_low"], "ci95_up": entry["accuracy_ci95_high"]}
+    summary |= {"delta_acc": comparison["delta"]["accuracy"], "mcnemar_p": comparison["mcnemar"]["p_value"],
+                "test_images": comparison["test_images"]}
+    if validation is not None:
+        summary |= {"validated": validation["passed"], "files_used": validation["used"]}
+    return summary

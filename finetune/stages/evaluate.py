@@ -1,8 +1,9 @@
 """The ``evaluate`` stage: every variant on the test split with its test transform, and against
 chance (exact binomial test vs the majority class's share, evaluate.chance_p); the challenger
-against the baseline (deltas, exact McNemar test). Writes dvc metrics JSON, dvc plots data, the
-same plots as PNG, a Markdown report, and the MLflow record (the pipeline's parent run and each
-variant's run).
+against the baseline (deltas, exact McNemar test). Writes the metrics JSON (evaluate.metrics), the
+summary beside it that `dvc metrics show` prints (``summary.json``: see :func:`summary_document`),
+dvc plots data, the same plots as PNG, a Markdown report, and the MLflow record (the pipeline's
+parent run and each variant's run).
 
 Every file is written atomically, and only after every variant was scored: a failed evaluation
 leaves the previous outputs as they were.
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from finetune.command import exit_now, stage_main
 from finetune.config import Params
+from finetune.data.lineage import data_version
 from finetune.evaluate.figures import write_plots
-from finetune.evaluate.metrics import VariantEval, metrics_document, per_class_document
+from finetune.evaluate.metrics import VariantEval, metrics_document, per_class_document, summary_document
 from finetune.evaluate.report import evaluation_markdown, verdict_line
 from finetune.evaluate.scoring import evaluate_variants
 from finetune.files import write_atomic
@@ -50,10 +52,24 @@ def run_evaluate(params: Params, paths: EvalPaths, project: Path = Path(".")) ->
     document = metrics_document(results, comparison)
     report = evaluation_markdown(document, results, params.data.dir, figures, (project / cfg.report).parent)
     _write_text(project / cfg.metrics, json.dumps(document, indent=2) + "\n")
+    validation = project / params.validate_.metrics
+    summary = summary_document(document, json.loads(validation.read_text()) if validation.is_file() else None)
+    _write_text(project / summary_path(params), json.dumps(summary, indent=2) + "\n")
     _write_text(project / cfg.plots / "per_class.json", json.dumps(per_class_document(results), indent=2) + "\n")
     _write_text(project / cfg.report, report)
-    log_evaluation(results, comparison, project, [project / cfg.metrics, project / cfg.report, *figures.values()])
+    data = (params.data.url, params.data.dir, data_version(project, params.data.dir))
+    log_evaluation(results, comparison, project, [project / cfg.metrics, project / cfg.report, *figures.values()], data)
     return results, comparison
+
+
+# The one file dvc.yaml declares as DVC metrics, beside evaluate.metrics: `dvc metrics show` prints
+# one column per key of every declared file, so the other metrics files are plain outputs.
+SUMMARY_NAME = "summary.json"
+
+
+def summary_path(params: Params) -> Path:
+    """Where the summary goes: ``summary.json`` in evaluate.metrics' folder (metrics/summary.json)."""
+    return params.evaluate.metrics.with_name(SUMMARY_NAME)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -129,6 +129,8 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
             write_validation_files(out, data.val_files)
             if checkpoint is None:
                 runs.log_setup(settings, cfg, version, commit, project, params, data.train_images, n_val)
+                if search.get("enabled") and search.get("method") == CROSS_VALIDATION:
+                    runs.log_cross_validated(search["val_acc"])
                 runs.log_validation_files(out / VALIDATION_FILES)
             runs.set_tags(runtime_tags(runtime.device, runtime.precision) | {"processes": str(dist.world)})
         tracker = runs.MlflowCallback([EpochStats(**s) for s in checkpoint["history"]] if checkpoint else ())
@@ -145,8 +147,8 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
             write_outputs(paths, project, fitted, scores, data.train_images, n_val, search)
             # The outputs first: a tracking outage or a refused artifact then costs no training (the
             # rerun resumes after the last epoch and logs only what the run misses).
-            runs.log_results(model, data.val_set, probs, truth, classes, params, project / paths.metrics, tracker,
-                             scores)
+            runs.log_results(out / "model.pt", data.val_set, probs, truth, classes, params,
+                             (project / paths.metrics, project / "params.yaml"), tracker, scores)
             runs.write_run_file(out, fingerprint, run_id, complete=True)
             remove_checkpoint(out)  # after the record: a crash in between leaves a complete run
     log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)

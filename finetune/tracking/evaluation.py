@@ -15,14 +15,17 @@ from mlflow.tracking import MlflowClient
 
 from finetune.evaluate.metrics import VariantEval, metrics_document
 from finetune.evaluate.report import verdict_line
+from finetune.tracking.inputs import log_data
 from finetune.tracking.store import NOTE_TAG, SELECTION_TAG, touch_parent, use_store
 
 log = logging.getLogger(__name__)
 
 
-def log_evaluation(results: list[VariantEval], comparison: dict, project: Path, files: list[Path]) -> None:
+def log_evaluation(results: list[VariantEval], comparison: dict, project: Path, files: list[Path],
+                   data: tuple[str, str, str]) -> None:
     """Test metrics and the description into each variant's run; the comparison and ``files``
-    into the pipeline's parent run."""
+    into the pipeline's parent run; the test split as an input of all of them (``data``: the
+    data's url, folder and DVC hash)."""
     run_ids = [r.run_id for r in results if r.run_id]
     if not run_ids:
         log.warning("the models carry no MLflow run ids: the evaluation is not logged to MLflow")
@@ -33,11 +36,13 @@ def log_evaluation(results: list[VariantEval], comparison: dict, project: Path, 
         for r in results:
             if r.run_id:
                 log_variant(client, r)
+                log_data(r.run_id, *data, ("test",))
         parent = client.get_run(run_ids[0]).data.tags.get("mlflow.parentRunId")
     except MlflowException as err:
         log.warning("MLflow has no record of the training runs %s (%s): the evaluation is not logged", run_ids, err)
         return
     if parent:
+        log_data(parent, *data, ("test",))
         log_to_parent(client, parent, results, comparison, files)
 
 

@@ -34,10 +34,13 @@ from finetune.evaluate.metrics import (
     validation_uncertainty,
     winner,
 )
+from finetune.evaluate import study
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
-from finetune.tracking.runs import network_uri
-from finetune.tracking.serving import evaluate_registered, log_classifier
+from finetune.tracking.card import model_card, with_judgment
+from finetune.tracking.packaging import log_classifier, served_limits
+from finetune.tracking.runs import logged_model_uri
+from finetune.tracking.serving import evaluate_registered
 from finetune.tracking.store import (
     NOTE_TAG,
     pipeline_experiment,
@@ -49,8 +52,9 @@ from finetune.tracking.store import (
 log = logging.getLogger(__name__)
 CANDIDATE, PRODUCTION = "candidate", "production"
 HISTORY_TAG = "production_history"
-# A version's tag naming its network as MLflow's pytorch flavour (models:/<id>, in the same run):
-# `mlflow.pytorch.load_model(<tag value>)` gives the torch module the pyfunc wraps.
+# A version's tag naming its model as MLflow's pytorch flavour (models:/<id>: the logged model the
+# version registers, which carries both flavours): `mlflow.pytorch.load_model(<tag value>)` gives
+# the torch module the pyfunc wraps, as does `mlflow.pytorch.load_model("models:/<name>/<version>")`.
 NETWORK_TAG = "pytorch_model"
 LOG_TAG, LOG_FILE = "finetune.registry_log", "promotions.jsonl"
 # A compared variant's test against chance, as the evaluate stage's metrics hold it and the
@@ -134,16 +138,17 @@ def register_candidate(params: Params, models: Path, project: Path = Path("."), 
                               reason=choice.reason, chance=floors)
     else:
         version, run_id, reused = _register_version(params, project, project / models / choice.variant, document,
-                                                    reuse)
+                                                    reuse, choice.reason)
         result = Registration(cfg.model_name, str(version), choice.variant, run_id, choice.metric, choice.value,
                               reused, reason=choice.reason, uncertainty=choice.uncertainty, chance=floors)
     write_atomic(project / cfg.record, lambda tmp: tmp.write_text(json.dumps(asdict(result), indent=2) + "\n"))
     return result
 
 
-def _register_version(params: Params, project: Path, folder: Path, document: dict, reuse: bool):
+def _register_version(params: Params, project: Path, folder: Path, document: dict, reuse: bool, reason: str):
     """(version, run id, reused): ``folder``/model.pt registered (or its earlier version found),
-    with the alias ``candidate``."""
+    with the alias ``candidate``; a new version's description is its model card (``reason``:
+    why it was chosen)."""
     cfg = params.register_
     checkpoint = folder / "model.pt"
     classifier = load_classifier(checkpoint)
@@ -154,7 +159,9 @@ def _register_version(params: Params, project: Path, folder: Path, document: dic
     reused = version is not None
     if version is None:
         tags = version_tags(params, project, folder.name, run_id, fingerprint, document[folder.name])
-        version = _new_version(client, params, project, checkpoint, run_id, tags)
+        version = _new_version(client, params, project, checkpoint, run_id, tags, fresh=not reuse)
+        card = model_card(params, version.tags, classifier.info, document[folder.name], reason)
+        version = client.update_model_version(cfg.model_name, version.version, description=card)
     client.set_registered_model_alias(cfg.model_name, CANDIDATE, version.version)
     return version.version, version.tags.get("run_id") or run_id, reused  # the run the model was logged to
 
@@ -248,22 +255,22 @@ def version_tags(params: Params, project: Path, variant: str, run_id: str, finge
     return tags
 
 
-def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint: Path, run_id: str | None, tags: dict):
-    """Log the servable classifier into the training run and register it."""
-    limits = {"max_image_mb": params.serve.max_image_mb, "max_pixels": params.validate_.max_pixels}
+def _new_version(client: MlflowClient, params: Params, project: Path, checkpoint: Path, run_id: str | None, tags: dict,
+                 fresh: bool = False):
+    """Register the training run's classifier (logged by the train stage); a run that has none
+    (trained before the classifier was logged there, or gone from the store) gets it logged now,
+    and so does every run when ``fresh`` (the logged one's files may be what is broken)."""
     name = params.register_.model_name
-    with _run_for_model(client, run_id, project, params) as run:
-        info = log_classifier(checkpoint, project / "params.yaml", limits)
-    # The tag names the run that holds the model: the training run, or the new one made when
-    # the training run is gone from the store.
-    run_id = run.info.run_id
-    tags = tags | {"run_id": run_id}
-    network = network_uri(run_id)
-    if network:  # the same network for mlflow.pytorch.load_model (a torch module, tensors in and out)
-        tags[NETWORK_TAG] = network
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=(
-        f"{tags['variant']} (run {tags['run_id']}), data {tags['data_version']}, commit {tags['git_commit']}"))
+    uri = logged_model_uri(run_id) if run_id and not fresh and run_exists(client, run_id) else None
+    if uri is None:
+        with _run_for_model(client, run_id, project, params) as run:
+            uri = log_classifier(checkpoint, project / "params.yaml", served_limits(params)).model_uri
+        # The tag names the run that holds the model: the training run, or the new one made when
+        # the training run is gone from the store.
+        run_id = run.info.run_id
+    # The same model is MLflow's pytorch flavour too: mlflow.pytorch.load_model(tag) gives the torch module.
+    tags = tags | {"run_id": run_id, NETWORK_TAG: uri}
+    version = mlflow.register_model(uri, name, tags=tags)
     log.info("registered %s version %s from run %s", name, version.version, run_id)
     return client.get_model_version(name, version.version)
 
@@ -467,12 +474,26 @@ def record(client: MlflowClient, params: Params, project: Path, decision: Decisi
         for key, value in {"promotion.decision": decision.action, "promotion.reason": decision.reason,
                            "promotion.time": stamp}.items():
             client.set_model_version_tag(name, decision.candidate, key, value)
+        judged = client.get_model_version(name, decision.candidate)
+        before, after = (f"v{v}" if v else "none" for v in (decision.production_before, decision.production_after))
+        words = f"{decision.action} {stamp}: production {before} → {after}: {decision.reason}"
+        client.update_model_version(name, decision.candidate, description=with_judgment(
+            judged.description or "", words, study_verdict(params, project)))
     before = decision.production_before
     if before and before != decision.candidate:
         outcome = {"promoted": f"replaced by v{decision.candidate}", "refused": f"kept against v{decision.candidate}",
                    "rolled_back": "rolled back"}[decision.action]
         client.set_model_version_tag(name, before, "promotion.last_challenge", f"{stamp}: {outcome}")
     append_log(client, params, project, decision)
+
+
+def study_verdict(params: Params, project: Path) -> str | None:
+    """The study's verdict (reports/study.md's first sentence) when a study ran, else None."""
+    path = project / params.study.metrics
+    if not params.study.enabled or not path.exists():
+        return None
+    document = json.loads(path.read_text())
+    return study.verdict(document) if document.get("enabled") else None
 
 
 def append_log(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:

@@ -12,10 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import requests
-import torch
-import torchvision
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,6 +33,8 @@ from finetune.tracking.store import (
     touch_parent,
     use_store,
 )
+from finetune.tracking.inputs import log_data
+from finetune.tracking.packaging import MODEL_NAME, log_classifier, served_limits
 from finetune.train.callbacks import Callback, EpochStats
 from finetune.train.figures import curves, prediction_grid
 
@@ -48,6 +47,7 @@ TRACKING_ERRORS = (MlflowException, requests.exceptions.RequestException)
 MARKER = "train_loss"  # the metric whose logged steps say which epochs the run has
 RETRY_S = 30.0  # while the server is away, ask again after this long (and at the end of training)
 SINGLE_GROUP = "all"  # the parameter group of a variant with one lr (finetune/train/strategy.py)
+BASE_GROUPS = (SINGLE_GROUP, "body")  # the group whose lr is `lr` (params and metrics), in every variant
 
 
 class TrackingUnavailable(FinetuneError):
@@ -144,10 +144,12 @@ def log_missing_epochs(run_id: str, history: Sequence[EpochStats]) -> int:
 def epoch_metrics(stats: EpochStats) -> dict[str, float]:
     """What MLflow records of an epoch: losses, accuracies (validation when there is a split; test
     only when asked for), speed and each group's lr."""
-    values = {"train_loss": stats.train_loss, "train_acc": stats.train_acc,
-              "images_per_s": stats.images_per_s, "epoch_seconds": stats.seconds}
-    values |= {name: value for name, value in (("val_loss", stats.val_loss), ("val_acc", stats.val_acc),
-                                               ("test_acc", stats.test_acc)) if value is not None}
+    # Validation first: the MLflow compare view plots the first metric a run logged against the
+    # params (lr against validation accuracy).
+    values = {name: value for name, value in (("val_acc", stats.val_acc), ("val_loss", stats.val_loss),
+                                              ("test_acc", stats.test_acc)) if value is not None}
+    values |= {"train_loss": stats.train_loss, "train_acc": stats.train_acc,
+               "images_per_s": stats.images_per_s, "epoch_seconds": stats.seconds}
     values |= lr_metrics(stats.lrs)
     values["failed"] = 1.0 if stats.failure else 0.0  # diverged or collapsed (the run's tags say which)
     if stats.features_seconds:
@@ -156,9 +158,10 @@ def epoch_metrics(stats: EpochStats) -> dict[str, float]:
 
 
 def lr_metrics(lrs: dict[str, float]) -> dict[str, float]:
-    """Each parameter group's lr by its name (``lr_body``, ``lr_head``, ``lr_layer4``), or ``lr``
-    for the one group of a variant that trains everything at one rate (the group ``all``)."""
-    return {"lr" if group == SINGLE_GROUP else f"lr_{group}": lr for group, lr in lrs.items()}
+    """Each parameter group's lr: ``lr`` for the base rate (the one group ``all``, or the copied
+    layers' ``body``), so that every variant has an ``lr`` to compare; ``lr_head``,
+    ``lr_layer4``... for the others."""
+    return {"lr" if group in BASE_GROUPS else f"lr_{group}": lr for group, lr in lrs.items()}
 
 
 def training_run(params: Params, variant: str, out: Path, fingerprint: str, project: Path,
@@ -234,14 +237,16 @@ def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Para
     values |= {"variant": settings["variant"], "weights": settings["weights"], "data_version": version,
                "git_commit": commit, "classes": len(settings["classes"]),
                "train_images": n_train, "val_images": n_val}
-    # Named as the groups train: one lr (`lr`), or the body's and the new head's.
-    if cfg.head_lr_mult is None:
-        values["lr"] = cfg.lr
-    else:
-        values |= {"lr.body": cfg.lr, "lr.head": cfg.lr * cfg.head_lr_mult}
+    # Named as the groups train: `lr` the base rate of every variant (the body's, when the new
+    # head has its own: `lr.head`), so that runs compare on one column.
+    values["lr"] = cfg.lr
+    if cfg.head_lr_mult is not None:
+        values["lr.head"] = cfg.lr * cfg.head_lr_mult
     if cfg.strategy == "gradual":
         values["lr.unfrozen"] = cfg.lr * cfg.unfreeze_lr_mult
     mlflow.log_params(values)
+    log_data(mlflow.active_run().info.run_id, params.data.url, params.data.dir, version,
+             ("train", "validation") if n_val else ("train",))
     log_json(settings, "config.json")
     report = project / params.validate_.report
     if report.exists():
@@ -252,16 +257,25 @@ def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Para
     mlflow.log_artifact(str(project / "params.yaml"))
 
 
+def log_cross_validated(val_acc: float) -> None:
+    """``val_acc`` of a training that has no validation split (every train image trains): the
+    cross-validated accuracy of the lr its search chose, as step 0, logged before any epoch so
+    that MLflow's compare view plots lr against it as for the variants that have a split."""
+    mlflow.log_metric("val_acc", float(val_acc), step=0)
+
+
 def log_validation_files(path: Path) -> None:
     """The held-out validation files (path, class) a training watches, as an artifact."""
     mlflow.log_artifact(str(path), "validation")
 
 
-def log_results(model, val_ds, probs, truth, classes, params: Params, metrics_file: Path,
+def log_results(final: Path, val_ds, probs, truth, classes, params: Params, files: tuple[Path, Path],
                 callback: MlflowCallback, selected: dict) -> None:
     """The kept epoch's scores (``selected``: val_acc, val_loss, selected_epoch, ...), the
     validation prediction grid PNG (when there is a split), the metrics file, the run's
-    description, and the model with its signature; each once, so a rerun after a failure logs only what is missing.
+    description, and the model ``final`` (model.pt) as the logged model that registration
+    registers (finetune/tracking/packaging.py); each once, so a rerun after a failure logs only
+    what is missing. ``files``: the metrics file and the params.yaml the model ships with.
 
     Raises :class:`TrackingUnavailable` when the tracking server is still away (the run misses
     epochs), :class:`ArtifactStoreError` when the artifact store refuses a file."""
@@ -280,9 +294,10 @@ def log_results(model, val_ds, probs, truth, classes, params: Params, metrics_fi
             mlflow.log_metrics(kept)
         if probs is not None:
             mlflow.log_figure(prediction_grid(val_ds, probs, truth, classes), "predictions.png")
+        metrics_file, params_file = files
         mlflow.log_artifact(str(metrics_file))
         if not model_logged(run_id):
-            log_model(model, classes, params)
+            log_classifier(final, params_file, served_limits(params))
     except TRACKING_ERRORS as err:
         raise TrackingUnavailable(
             f"the MLflow tracking server {uri} is away or refusing ({str(err).splitlines()[0][:200]}); training "
@@ -324,60 +339,18 @@ def describe_run(variant: str, selected: dict, params: Params) -> None:
 
 
 def model_logged(run_id: str) -> bool:
-    """Whether the run already has its model (a failed upload leaves it not READY)."""
+    """Whether the run already has its classifier (a failed upload leaves it not READY)."""
+    return logged_model_uri(run_id) is not None
+
+
+def logged_model_uri(run_id: str, name: str = MODEL_NAME) -> str | None:
+    """``models:/<id>`` of the run's READY logged model ``name`` (the packaged classifier, which
+    both ``mlflow.pyfunc.load_model`` and ``mlflow.pytorch.load_model`` read); None when it has none."""
     experiment = MlflowClient().get_run(run_id).info.experiment_id
     found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
                                         output_format="list")
-    return any(str(m.status).endswith("READY") for m in found)
-
-
-def network_uri(run_id: str) -> str | None:
-    """``models:/<id>`` of the run's network (the pytorch flavour ``model`` that log_model wrote),
-    which ``mlflow.pytorch.load_model`` returns as a torch module; None when it has none."""
-    experiment = MlflowClient().get_run(run_id).info.experiment_id
-    found = mlflow.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'",
-                                        output_format="list")
-    ready = [m for m in found if m.name == "model" and str(m.status).endswith("READY")]
+    ready = [m for m in found if m.name == name and str(m.status).endswith("READY")]
     return f"models:/{ready[-1].model_id}" if ready else None
-
-
-def log_model(model, classes, params: Params) -> None:
-    """The model as MLflow's pytorch flavour: CPU float32 weights in a pickled module (not a
-    torch.export program, MLflow 3's default, which cannot move to another device and keeps the
-    example's batch size), so ``mlflow.pytorch.load_model(uri, map_location=...)`` and pyfunc
-    load it on CPU or CUDA whichever device trained it. The signature gives the input's shape;
-    no input example (an all-zero image says nothing, and checking it reloads the model: seconds).
-    ``model`` itself is moved to the CPU (it is the training's last use of it)."""
-    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
-    crop = params.model.test_crop
-    # Shapes only (a batch of any size: the leading -1): no forward pass needed to know them.
-    signature = mlflow.models.infer_signature(np.zeros((2, 3, crop, crop), dtype=np.float32),
-                                              np.zeros((2, len(classes)), dtype=np.float32))
-    # torch and cloudpickle (MLflow's pins), and torchvision: the pickle names its network classes.
-    requirements = [*mlflow.pytorch.get_default_pip_requirements(),
-                    f"torchvision=={torchvision.__version__.split('+')[0]}"]
-    with quiet_pickle_warning():
-        mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                                 pip_requirements=requirements,
-                                 metadata={"classes": classes, "arch": params.model.arch})
-
-
-class _PickleWarning(logging.Filter):
-    """Drops MLflow's warning that a pickled model runs code when loaded: the model is the
-    project's own, written and read by the project (the warning repeats at every training)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Pickle or CloudPickle" not in record.getMessage()
-
-
-@contextmanager
-def quiet_pickle_warning() -> Iterator[None]:
-    logger, noise = logging.getLogger("mlflow.pytorch"), _PickleWarning()
-    logger.addFilter(noise)
-    try:
-        yield
-    finally:
-        logger.removeFilter(noise)
 
 
 def set_tags(tags: dict[str, str]) -> None:

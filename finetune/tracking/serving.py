@@ -48,13 +48,13 @@ from finetune.evaluate.metrics import VariantEval
 from finetune.evaluate.scoring import evaluate_classifier
 from finetune.model.classifier import Classifier, load_classifier
 from finetune.tracking import portable_model
+from finetune.tracking.packaging import encode, log_classifier, requirements  # noqa: F401 (the served API)
 from finetune.tracking.portable_model import ERROR_KEY, IMAGE_COLUMN, decode_base64  # noqa: F401 (the served API)
 from finetune.tracking.store import use_store
 
 # Models registered before the package was split into folders pickled this class as
 # finetune.serving.ImageClassifierModel: let them load in any process that imports this module.
 sys.modules.setdefault("finetune.serving", sys.modules[__name__])
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]))
 REQUEST_SHAPE = f'send {{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 of the image file>"}}, ...]}}'
 # What error messages must not carry: Python object reprs ("<_io.BytesIO object at 0x7f...>",
 # removed by plain_error), and any long unbroken run of characters, which can only be a slice
@@ -62,11 +62,6 @@ REQUEST_SHAPE = f'send {{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 of t
 LONG_RUN = re.compile(r"\S{41,}")
 MESSAGE_CHARS = 600
 SHOWN_ROWS = 5  # row errors quoted in the message of a batch where no row could be scored
-
-
-def encode(data: bytes) -> str:
-    """The base64 text a client puts in the ``image`` column."""
-    return base64.b64encode(data).decode("ascii")
 
 
 class ImageClassifierModel(portable_model.ImageClassifierModel):
@@ -97,42 +92,6 @@ def served_classifier(model) -> Classifier:
 def portable(model) -> bool:
     """Whether a loaded pyfunc carries its own code (loads where this project is not installed)."""
     return type(model.unwrap_python_model()) is not ImageClassifierModel
-
-
-def example_image() -> str:
-    """A small JPEG (base64) for the logged model's input example."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 32), (200, 120, 40)).save(buffer, format="JPEG")
-    return encode(buffer.getvalue())
-
-
-def log_classifier(checkpoint: Path, params_file: Path, limits: dict) -> mlflow.models.model.ModelInfo:
-    """Log the checkpoint as the portable pyfunc ``classifier`` in the active run: its code
-    (finetune/tracking/portable_model.py with finetune/data/portable.py), the network as a
-    pickled torchvision module, model.json (classes, settings, origin), params.yaml, and
-    ``limits`` as limits.json (not as model_config, which MLflow also logs as params of the
-    run, where serving limits would pass for training settings)."""
-    classifier = load_classifier(checkpoint)
-    card = {"classes": classifier.classes, "settings": classifier.settings, "info": classifier.info}
-    with tempfile.TemporaryDirectory(prefix="finetune-classifier-") as folder:
-        folder = Path(folder)
-        (folder / "network").mkdir()
-        torch.save(classifier.model, folder / "network" / portable_model.NETWORK_FILE)
-        (folder / "model.json").write_text(json.dumps(card, default=str))
-        (folder / "limits.json").write_text(json.dumps(limits))
-        return mlflow.pyfunc.log_model(
-            name="classifier", python_model=portable_model.__file__, code_paths=[data_portable.__file__],
-            artifacts={"network": str(folder / "network"), "model": str(folder / "model.json"),
-                       "params": str(params_file), "limits": str(folder / "limits.json")},
-            signature=SIGNATURE, input_example=pd.DataFrame({IMAGE_COLUMN: [example_image()]}),
-            pip_requirements=requirements())
-
-
-def requirements() -> list[str]:
-    """What the model needs to load and predict, pinned to the versions that logged it."""
-    return [f"{name}=={version.split('+')[0]}" for name, version in (
-        ("torch", torch.__version__), ("torchvision", torchvision.__version__), ("pillow", PIL.__version__),
-        ("numpy", np.__version__), ("pandas", pd.__version__), ("mlflow", mlflow.__version__))]
 
 
 def predict_files(model, files: Sequence[Path], batch: int = 32) -> list[dict]:

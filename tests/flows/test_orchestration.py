@@ -205,13 +205,23 @@ def test_a_finished_run_ends_with_its_answer_in_at_most_six_lines(tmp_path):
          "metric": "val_acc", "value": 0.9, "run_id": "abc"}))
     decision = {"action": "promoted", "production_before": "2", "production_after": "3", "reason": "better"}
     assert not has_remote(tmp_path)
-    lines = closing_lines(params, tmp_path, decision, has_remote(tmp_path))
-    assert len(lines) == 4 and lines[0].startswith("Verdict: finetune beats scratch")
+    base = f"http://127.0.0.1:{params.ports.ui}/#/"
+    links = {"runs": base + "experiments/1/runs?viewStateShareKey=pipeline-abc",
+             "compare": base + "compare-runs?runs=%5B%22a%22%2C%20%22b%22%5D&experiments=%5B%221%22%5D",
+             "parent": base + "experiments/1/runs/abc", "model": base + "models/hotdog-classifier/versions/3"}
+    lines = closing_lines(params, tmp_path, decision, has_remote(tmp_path), links)
+    assert len(lines) == 5 and lines[0].startswith("Verdict: finetune beats scratch")
     assert lines[1].startswith("Registered: hotdog-classifier version 3 (finetune")
     assert lines[2] == "Promotion: promoted — production v2 → v3: better"
-    assert lines[3].startswith(f"Look: {tmp_path / params.evaluate.report} · `make ui WORKSPACE={tmp_path}`")
+    assert lines[3] == (f"Look: {tmp_path / params.evaluate.report} · MLflow (after `make ui WORKSPACE={tmp_path}`): "
+                        f"{links['runs']}")
+    assert lines[4] == f"Compare: {links['compare']}"
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text('[core]\n    remote = shared\n[\'remote "shared"\']\n    url = s3://b\n')
-    with_remote = closing_lines(params, tmp_path, decision, has_remote(tmp_path))
-    assert len(with_remote) == 5 and "dvc push" in with_remote[-1]
-    assert all("**" not in line and len(line) <= 300 for line in with_remote)
+    with_remote = closing_lines(params, tmp_path, decision, has_remote(tmp_path), links | {"prefect": "http://p/runs/1"})
+    assert len(with_remote) == 6 and "dvc push" in with_remote[-1]
+    assert with_remote[4] == f"Compare: {links['compare']} · Prefect flow run: http://p/runs/1"
+    assert all("**" not in line and len(line) <= 400 for line in with_remote)
+    # No tracking record (the store did not answer): the report still, and no URL made up.
+    assert closing_lines(params, tmp_path, decision, False)[3].endswith("MLflow (after `make ui WORKSPACE="
+                                                                        f"{tmp_path}`): no run recorded")

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def prefect_api(tmp_path_factory):
     yield f"http://127.0.0.1:{port}/api", home
     server.terminate()
     server.wait(timeout=30)
+
+
+def test_the_prefect_ui_talks_to_the_port_its_server_runs_on(prefect_api):
+    api, _ = prefect_api  # not 4200: free_port()
+    with urllib.request.urlopen(api.removesuffix("/api") + "/ui-settings", timeout=10) as answer:
+        assert json.load(answer)["api_url"] == api
 
 
 def prefect(env, *args, timeout=600) -> subprocess.CompletedProcess[str]:
@@ -124,6 +131,10 @@ def test_retrain_deployment_on_a_real_prefect_server(tmp_path, prefect_api):
         assert len(reports) == 2, artifacts(env, None)
         assert "McNemar" in reports[0] and "**Promotion**: promoted" in reports[0]
         assert "**Promotion**: unchanged" in reports[1]
+        # Link artifacts beside each report: the MLflow view of the pipeline run, and the version.
+        runs_links, model_links = artifacts(env, "finetune-runs-link"), artifacts(env, "finetune-model-link")
+        assert len(runs_links) == 2 and all("/runs?viewStateShareKey=pipeline-" in link for link in runs_links)
+        assert len(model_links) == 2 and all("/#/models/hotdog-classifier/versions/1" in link for link in model_links)
         status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=workspace, env=env,
                                 capture_output=True, text=True)
         assert status.stdout.strip() == "{}"

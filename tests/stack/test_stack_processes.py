@@ -5,6 +5,7 @@ start sessions of their own), and where PostgreSQL's data goes when it runs as `
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import time
 import pytest
 from conftest import REPO
 
+from finetune.config import load_params
 from stack.postgres import cluster_folder, owner
 from stack.services import Ports, Stack, alive, descendants
 
@@ -25,9 +27,23 @@ def test_env_prints_the_exports_a_client_needs(tmp_path):
     done = stack_cli("env", "--root", str(tmp_path / "stack"))
     assert done.returncode == 0, done.stderr
     exports = dict(line.removeprefix("export ").split("=", 1) for line in done.stdout.splitlines())
-    assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{Ports().mlflow}"
-    assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{Ports().prefect}/api"
+    ports = load_params(REPO / "params.yaml").ports  # the stack's ports are params.yaml's ports:
+    assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports.ui}"
+    assert exports["PREFECT_API_URL"] == f"http://127.0.0.1:{ports.prefect}/api"
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= exports.keys()  # for dvc push/pull only
+
+
+def test_a_taken_port_is_refused_in_one_line_before_anything_starts(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = stack_cli("up", "--root", str(tmp_path / "stack"), "--port", f"s3={port}")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"make stack: s3: port {port} on 127.0.0.1 is already in use by another program: set "
+                                   f"S3_PORT to a free port for this command (make ... S3_PORT={port + 1}) or ports.s3 in "
+                                   "params.yaml, or stop what listens there.")
+    assert not (tmp_path / "stack").exists()  # nothing initialised, nothing started
 
 
 def test_down_on_a_stack_that_never_ran_stops_nothing(tmp_path):

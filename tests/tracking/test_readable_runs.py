@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,7 @@ from finetune.stages.evaluate import EvalPaths, run_evaluate
 from finetune.stages.train import Paths, train_variant
 from finetune.tracking.registry import LOG_FILE, LOG_TAG, promote, promotion_log, register_candidate
 from finetune.tracking.serving import load_served
+from finetune.tracking.views import pipeline_links
 from finetune.tracking.store import (
     KIND_TAG,
     ML_KIND,
@@ -50,6 +52,7 @@ TINY = {"model.weights": "none", "model.train_crop": 32, "model.test_resize": 36
 TRAIN = {"epochs": 2, "batch_size": 4, "max_steps": 2, "workers": 0, "precision": "fp32", "val_fraction": 0.5}
 KEY = "flow-run-readable"  # what the Prefect flow passes as FINETUNE_PIPELINE_RUN
 STARTED_AGO_MS = 90_000  # the pipeline started this long before the first training (fetch, validate, ...)
+DATA_HASH = "0123456789abcdef0123456789abcdef.dir"  # the fetch stage's output as dvc.lock records it
 
 
 def make_project(root: Path) -> Path:
@@ -63,6 +66,8 @@ def make_project(root: Path) -> Path:
             for p in sorted(dataset.rglob("*.jpg"))]
     (root / "data" / "validate").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data" / "validate" / "files.csv", index=False)
+    (root / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n  fetch:\n    cmd: python -m finetune.stages.fetch\n"
+                                   f"    outs:\n    - path: data/hotdog\n      md5: {DATA_HASH}\n")
     return root
 
 
@@ -167,11 +172,17 @@ def test_training_runs_read_at_a_glance(pipeline):
     _, runs, _ = pipeline
     client = MlflowClient()
     scratch, finetune = client.get_run(runs["scratch"]), client.get_run(runs["finetune"])
-    # Learning rates named by group: one group is `lr`, two are lr.body and lr.head.
+    # Learning rates named by group: `lr` is every variant's base rate (one group, or the body),
+    # so the runs compare on one column; the new head's own is lr.head (metric lr_head).
     assert "lr" in scratch.data.params and not any(k.startswith("lr.") for k in scratch.data.params)
-    assert {"lr.body", "lr.head"} <= finetune.data.params.keys() and "lr" not in finetune.data.params
+    assert {"lr", "lr.head"} <= finetune.data.params.keys() and "lr.body" not in finetune.data.params
+    assert float(finetune.data.params["lr.head"]) == 10 * float(finetune.data.params["lr"])
     assert "lr" in scratch.data.metrics and not any(k.startswith("lr_") for k in scratch.data.metrics)
-    assert {"lr_body", "lr_head"} <= finetune.data.metrics.keys()
+    assert {"lr", "lr_head"} <= finetune.data.metrics.keys() and "lr_body" not in finetune.data.metrics
+    # Validation accuracy is each run's first metric (as the store lists them): MLflow's compare
+    # view plots lr against it.
+    for run in (scratch, finetune):
+        assert next(iter(run.data.metrics)) == "val_acc", list(run.data.metrics)
     for run in (scratch, finetune):
         # Only training settings: the serving limits went into the registered model, not here.
         assert not {"max_image_mb", "max_pixels"} & run.data.params.keys()
@@ -232,19 +243,56 @@ def test_the_logged_model_loads_on_any_device(pipeline, device, tmp_path):
     _, runs, _ = pipeline
     client = MlflowClient()
     experiment = client.get_run(runs["finetune"]).info.experiment_id
-    (logged,) = [m for m in client.search_logged_models([experiment])
-                 if m.source_run_id == runs["finetune"] and m.name == "model"]
+    # One logged model per run (the network stored once), read by both flavours.
+    (logged,) = [m for m in client.search_logged_models([experiment]) if m.source_run_id == runs["finetune"]]
+    assert logged.name == "classifier"
     uri = f"models:/{logged.model_id}"
     model = mlflow.pytorch.load_model(uri, dst_path=str(tmp_path), map_location=device)
     assert all(p.device.type == device and p.dtype == torch.float32 for p in model.parameters())
-    images = torch.rand(3, 3, 32, 32, device=device)  # any batch size, not the signature example's
+    images = torch.rand(3, 3, 32, 32, device=device)  # any batch size
     with torch.inference_mode():
         out = model(images)
     assert out.shape == (3, 2) and out.device.type == device
     if device == "meta":
         return
-    # pyfunc picks CUDA by itself where there is one: the model must move there.
     (tmp_path / "pyfunc").mkdir()
-    predicted = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path / "pyfunc"),
-                                         model_config={"device": device}).predict(images.cpu().numpy())
-    assert predicted.shape == (3, 2)
+    served = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path / "pyfunc"))
+    network = served.unwrap_python_model().network
+    assert torch.allclose(network(images.cpu()), model.cpu()(images.cpu()), atol=1e-6)
+
+
+def test_every_run_names_the_data_it_used(pipeline):
+    """Dataset inputs: the split, the DVC hash as digest, data.url as source, the use as context."""
+    project, runs, _ = pipeline
+    client = MlflowClient()
+    url = load_params(project / "params.yaml").data.url
+    for variant, run_id in runs.items():
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        used = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
+        assert used == {"hotdog/train": "train", "hotdog/validation": "validation", "hotdog/test": "test"}, variant
+        assert {i.dataset.digest for i in inputs} == {DATA_HASH}
+        assert all(json.loads(i.dataset.source)["url"] == url for i in inputs)
+    parent = client.get_run(runs["finetune"]).data.tags["mlflow.parentRunId"]
+    assert [i.dataset.name for i in client.get_run(parent).inputs.dataset_inputs] == ["hotdog/test"]
+
+
+def test_the_printed_view_shows_both_variants_best_validation_first(pipeline):
+    """The saved view that the run's closing lines link to: the pipeline's two trainings (no search
+    trial, no other pipeline run) in the order the UI sorts them, with the columns a reviewer
+    needs; the compare page of the same two runs; the registered version's page."""
+    project, runs, _ = pipeline
+    params = load_params(project / "params.yaml")
+    links = pipeline_links(project, params.data.dir, KEY, 5055, (params.register_.model_name, "1"))
+    client = MlflowClient()
+    experiment = client.get_run(runs["finetune"]).info.experiment_id
+    parent = client.get_run(runs["finetune"]).data.tags["mlflow.parentRunId"]
+    assert links["runs"] == f"http://127.0.0.1:5055/#/experiments/{experiment}/runs?viewStateShareKey=pipeline-{parent}"
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.pipeline-{parent}"])
+    shown = client.search_runs([experiment], view["searchFilter"], order_by=["metrics.`selected.val_acc` DESC"])
+    assert sorted(r.info.run_id for r in shown) == sorted(runs.values())
+    assert shown[0].data.metrics["selected.val_acc"] >= shown[1].data.metrics["selected.val_acc"]
+    assert {"metrics.`selected.val_acc`", "metrics.`eval_accuracy`", "attributes.`Models`"} <= set(view["selectedColumns"])
+    assert view["orderByKey"] == "metrics.`selected.val_acc`" and view["orderByAsc"] is False
+    assert all(run_id in urllib.parse.unquote(links["compare"]) for run_id in runs.values())
+    assert links["model"] == f"http://127.0.0.1:5055/#/models/{params.register_.model_name}/versions/1"
+    assert links["parent"].endswith(f"/runs/{parent}")

@@ -88,11 +88,23 @@ def test_register_tags_the_winner_and_sets_candidate(project):
                                                       dst_path=str(project / "downloaded")))
     assert (folder / "artifacts" / "params.yaml").read_text() == (project / "params.yaml").read_text()
     assert json.loads((folder / "artifacts" / "model.json").read_text())["settings"]["variant"] == "scratch"
-    # The same network as MLflow's pytorch flavour, named by the version: a torch module.
-    network = mlflow.pytorch.load_model(version.tags[NETWORK_TAG])
+    # The version is the classifier the training run logged (its weights stored once in the run),
+    # and the same network as MLflow's pytorch flavour, by the tag or the version: a torch module.
+    experiment = client.get_run(version.run_id).info.experiment_id
+    logged = mlflow.search_logged_models([experiment], f"source_run_id = '{version.run_id}'", output_format="list")
+    assert [m.name for m in logged] == ["classifier"] and version.tags[NETWORK_TAG] == f"models:/{logged[0].model_id}"
+    assert version.source == f"models:/{logged[0].model_id}"
+    network = mlflow.pytorch.load_model(f"models:/{registration.model_name}/{registration.version}")
     served = served_classifier(load_served(f"models:/{registration.model_name}/{registration.version}", project))
     batch = torch.rand(2, 3, 16, 16)
     assert torch.allclose(network.eval()(batch), served.model(batch), atol=1e-6)
+    # Its description is the model card: origin, what differs from train_defaults, validation
+    # and test accuracy with their uncertainty, why it was chosen.
+    card = version.description
+    assert card.startswith(f"**scratch** from run `{registration.run_id}` · data `{version.tags['data_version']}`")
+    assert f"commit `{version.tags['git_commit']}`" in card and "Settings that differ from train_defaults: " in card
+    assert "| validation | 0.9000 (uncertainty not recorded) |" in card and "| test | 0.9500 (95% interval 0." in card
+    assert f"Chosen: {registration.reason}." in card and "Gate" not in card
     # Registering the same training again finds the version instead of adding one.
     again = register_candidate(params(project), project / "models", project)
     assert again.reused and again.version == registration.version
@@ -104,8 +116,12 @@ def test_the_gate_promotes_better_refuses_worse_and_equal_and_rollback_restores(
     assert decision.action == "promoted" and decision.reason == "no production version yet"
     assert aliases(project)[PRODUCTION] == first.version
     assert promote(params(project), project).action == "unchanged"  # the gate again, nothing new
-    kept = MlflowClient().get_model_version(first.model_name, first.version).tags
+    judged = MlflowClient().get_model_version(first.model_name, first.version)
+    kept = judged.tags
     assert kept["promotion.decision"] == "promoted" and kept["promotion.reason"] == "no production version yet"
+    # The card ends with the gate's decision (no study ran: no study line).
+    assert judged.description.endswith(f"production none → v{first.version}: no production version yet")
+    assert "\n\n**Gate:** promoted " in judged.description and "**Study:**" not in judged.description
 
     write_params(project / "params.yaml", project / "params.yaml", {"register.min_improvement": 0.15})
     second = train_and_register(project, PERFECT, OTHER, "v2")  # 1.0: better by 0.1, not by 0.15
@@ -124,6 +140,9 @@ def test_the_gate_promotes_better_refuses_worse_and_equal_and_rollback_restores(
     tie = promote(params(project), project)
     assert tie.action == "refused" and "gain +0.0000" in tie.reason
     assert aliases(project) == {PRODUCTION: second.version, CANDIDATE: equal.version}
+    # A second decision on a version replaces the card's gate line; other versions keep theirs.
+    card = MlflowClient().get_model_version(first.model_name, second.version).description
+    assert card.count("**Gate:**") == 1 and f"promoted {promoted.time}: production v{first.version} → " in card
 
     client = MlflowClient()
     name = first.model_name
