@@ -52,7 +52,8 @@ test-all: TEST_MARKS = stack or not stack
 test-all: test
 
 # Speed, measured side by side: the plain recipe loop vs the trainer, dvc repro, Prefect overhead
-# (prints a table, writes reports/bench-<device>.json and the table in docs/speed.md). BENCH_ARGS: see --help.
+# (prints a table, writes reports/bench-<device>.json and the table in docs/speed.md), then the serving
+# row (2,000 requests at concurrency 16; BENCH_ARGS=--serving-only for it alone). BENCH_ARGS: see --help.
 bench: $(STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
 
@@ -144,6 +145,14 @@ stack: $(STAMP)
 	$(PY) -m stack up $(foreach v,UI PREFECT S3 POSTGRES,$(if $($(v)_PORT),--port $(v)=$($(v)_PORT)))
 stack-down:
 	$(PY) -m stack down $(if $(PURGE),--purge)
+# One archive of the stack (both databases, every object): FILE=path.tar.gz, else
+# stack-backups/stack-<UTC time>.tar.gz. stack-restore fills a fresh .stack/ from one and starts it.
+.PHONY: stack-backup stack-restore
+stack-backup: $(STAMP)
+	$(PY) -m stack backup $(if $(FILE),--file $(FILE))
+stack-restore: $(STAMP)
+	@test -n "$(FILE)" || { echo "make stack-restore: name the archive, e.g. make stack-restore FILE=stack-backups/stack-<date>.tar.gz" >&2; exit 2; }
+	$(PY) -m stack restore --file $(FILE) $(foreach v,UI PREFECT S3 POSTGRES,$(if $($(v)_PORT),--port $(v)=$($(v)_PORT)))
 
 # Re-pin constraints.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)

@@ -20,6 +20,12 @@ Prints a table, writes reports/bench-<device>.json (--out) and the table of docs
 between its bench markers (CPU runs). Numbers are measured here, on this machine; nothing is
 asserted.
 
+With the pipeline, the serving row follows (bench/serve_bench.py): `python -m finetune serve` of
+the workspace's production, 2,000 requests at concurrency 16 (--serving-requests,
+--serving-concurrency; 0 requests: no row): req/s, p50/p95/p99 and the server's RSS before and
+after. --serving-only measures that row alone (in --workspace, whose production it serves, or
+--serving-model) and adds it to the existing report and table.
+
 --no-pipeline runs the training part alone, where torch, torchvision, numpy, Pillow, pandas,
 PyYAML and tqdm are installed and pydantic, MLflow, DVC and Prefect need not be: settings are
 read from params.yaml as plain YAML, and without --workspace a hot-dog-sized set is generated
@@ -502,6 +508,10 @@ def table(report: dict) -> str:
              f"{report['epochs']} epochs.", "", *rows, ""]
     for key, value in report.get("targets", {}).items():
         lines.append(f"- {key}: {value}")
+    if "serving" in report:
+        from serve_bench import serving_line
+
+        lines.append(f"- {serving_line(report['serving'])}")
     for point in report.get("scale", {}).get("points", []):
         lines.append(f"- scale, {point['images']} images: decode cache {point['cache_img_s_per_core']} img/s per core, "
                      f"peak RSS {point['peak_rss_mb']} MB ({point['peak_anon_rss_mb']} MB anonymous), "
@@ -579,6 +589,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-images", type=int, default=800, help="--no-pipeline's generated set")
     parser.add_argument("--scale", type=int, metavar="N", help="also the scale check on an N-image generated set")
     parser.add_argument("--scale-steps", type=int, default=20, help="training steps per scale point")
+    parser.add_argument("--serving-requests", type=int, default=2000, help="the serving row's requests (0: no row)")
+    parser.add_argument("--serving-concurrency", type=int, default=16, help="the serving row's concurrent clients")
+    parser.add_argument("--serving-model", help="the model the serving row serves (default: the workspace's production)")
+    parser.add_argument("--serving-only", action="store_true",
+                        help="only the serving row, added to the existing report (--out) and its table")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.runs.split(",")) - set(RUNS))
     if unknown:
@@ -605,9 +620,38 @@ def measure(args: argparse.Namespace, ws: Path) -> list[dict]:
         return [plan[name]() for name in RUNS if name in chosen]
 
 
+def serving_row(args: argparse.Namespace, ws: Path, device: torch.device) -> dict:
+    """The serving row (bench/serve_bench.py), naming the machine and date it was measured on."""
+    from serve_bench import serving_timings
+
+    row = serving_timings(ws, args.serving_requests, args.serving_concurrency, args.serving_model)
+    return {"machine": f"{machine(device)} ({device.type})", "date": time.strftime("%Y-%m-%d")} | row
+
+
+def serving_only(args: argparse.Namespace, device: torch.device) -> int:
+    """--serving-only: measure the serving row and put it into the existing report and table."""
+    ws = (args.workspace or demo_workspace()).resolve()
+    out = args.out or REPO / "reports" / f"bench-{device.type}.json"
+    report = json.loads(out.read_text()) if out.exists() else {}
+    report["serving"] = serving_row(args, ws, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if "runs" in report:  # a whole report: its table, with the new row
+        text = table(report)
+        if device.type == "cpu" or args.page != SPEED_PAGE:
+            write_table(args.page, text)
+    from serve_bench import serving_line
+
+    print(serving_line(report["serving"]))
+    print(f"written: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     device = pick_device(args.device)
+    if args.serving_only:
+        return serving_only(args, device)
     with tempfile.TemporaryDirectory() as generated:
         if args.no_pipeline and args.workspace is None:
             ws = Path(generated)
@@ -624,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
                   "epochs": args.epochs, "crop": args.crop, "train_images": len(train_ds),
                   "test_images": len(test_ds), "runs": runs}
         if not args.no_pipeline:
-            report["pipeline"] = pipeline_timings(ws)
+            report["pipeline"] = pipeline_timings(ws)  # it leaves a production model in the workspace
+            if args.serving_requests > 0:
+                report["serving"] = serving_row(args, ws, device)
     if args.scale:
         report["scale"] = scale_check(args)
     report["ratios"], report["targets"] = ratios(report), targets(report)

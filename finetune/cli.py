@@ -86,7 +86,7 @@ def cmd_predict(params: Params, args: argparse.Namespace) -> int:
 
 def cmd_serve(params: Params, args: argparse.Namespace) -> None:
     """Serve a registered model (default: production) over REST (MLflow's scoring app, behind limits)."""
-    from finetune.tracking.serving import serve
+    from finetune.tracking.server import serve
 
     port = check_free("serve", args.port or params.ports.serve)  # before seconds of loading the model
     serve(_model_uri(params, args), params.serve.host, port, limits=params.serve)

@@ -338,6 +338,10 @@ class ServeConfig(Section):
     max_image_mb: float = Field(gt=0)  # larger encoded images are refused (400), as are > validate.max_pixels
     max_pixels: int = Field(ge=1)  # the server refuses (400) an image whose header declares more, undecoded
     max_request_mb: float = Field(gt=0)  # a larger request body is refused (413) before it is read or parsed
+    read_timeout_s: float = Field(gt=0)  # a request's head and body must arrive within it (else 408 or closed)
+    keep_alive_s: int = Field(ge=1)  # an idle keep-alive connection is closed after it (uvicorn timeout_keep_alive)
+    max_connections: int = Field(ge=1)  # open connections beyond it are answered 503 (uvicorn limit_concurrency)
+    refresh_s: float = Field(ge=0)  # how often a served @alias is looked up and a moved one loaded; 0: never
 
     @model_validator(mode="after")
     def _one_image_fits_a_request(self) -> ServeConfig:
@@ -368,12 +372,49 @@ class RetrainConfig(Section):
         return value
 
 
-class NotifyConfig(Section):
-    """``notify:`` where the pipeline reports failures and promotions (a JSON POST)."""
+class TimeoutsConfig(Section):
+    """``timeouts:`` how long the flow lets each stage, the gate and itself run (tasks/dvc.py)."""
 
-    webhook_url: str | None
-    events: tuple[Literal["failure", "promotion", "refusal"], ...]
+    stage_s: dict[str, float] = Field(min_length=1)  # by stage name before any @; ``other``: the rest
+    gate_s: float = Field(gt=0)
+    flow_s: float = Field(gt=0)
+    grace_s: float = Field(gt=0, le=25)  # a Ctrl-C must end a flow within 30 s
+
+    @field_validator("stage_s")
+    @classmethod
+    def _positive_with_other(cls, value: dict[str, float]) -> dict[str, float]:
+        if "other" not in value:
+            raise ValueError("needs an `other:` limit, for stages it does not name")
+        bad = sorted(name for name, seconds in value.items() if not seconds > 0)
+        if bad:
+            raise ValueError(f"limits must be seconds above 0; fix {bad}")
+        return value
+
+    def for_stage(self, stage: str) -> float:
+        """The limit of ``stage`` (``train@finetune``: the ``train`` limit)."""
+        return self.stage_s.get(stage.partition("@")[0], self.stage_s["other"])
+
+
+NotifyEvent = Literal["failure", "crash", "cancellation", "timeout", "promotion", "refusal"]
+
+
+class NotifyConfig(Section):
+    """``notify:`` the apprise URLs that hear of every end of a run (flows/notify.py)."""
+
+    urls: tuple[str, ...]
+    events: tuple[NotifyEvent, ...]
     timeout_s: float = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_webhook_url(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "webhook_url" in value:
+            url = value["webhook_url"] or "https://host/path"
+            scheme, _, rest = str(url).partition("://")
+            raise ValueError(f"notify.webhook_url was replaced by notify.urls (apprise URLs): write urls: "
+                             f"[{'jsons' if scheme == 'https' else 'json'}://{rest}] for the same JSON POST "
+                             "(or urls: [] for none), and remove webhook_url")
+        return value
 
 
 class Params(Section):
@@ -398,6 +439,7 @@ class Params(Section):
     ports: PortsConfig
     serve: ServeConfig
     retrain: RetrainConfig
+    timeouts: TimeoutsConfig
     notify: NotifyConfig
     demo: DemoConfig
 
@@ -468,6 +510,8 @@ def _describe(path: Path, err: ValidationError) -> str:
             problems.setdefault(key, []).append("unknown key (a typo? remove it or fix its name)")
         elif problem["type"] == "missing":
             problems.setdefault(key, []).append("missing (params.yaml must set it)")
+        elif isinstance(problem.get("input"), dict):  # a whole section's check: its message says it all
+            problems.setdefault(key, []).append(problem["msg"].removeprefix("Value error, "))
         else:
             problems.setdefault(key, []).append(f"{problem['msg']} (got {problem.get('input')!r})")
     lines = [f"  {key}: {' | or: '.join(dict.fromkeys(found))}" for key, found in problems.items()]

@@ -13,18 +13,20 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from finetune.config import load_params
+from finetune.config import TimeoutsConfig, load_params
 from finetune.data.download import check_resolves
 from finetune.data.fetch import needs_download
 from finetune.errors import FinetuneError
 from flows.lock import workspace_lock
 from flows.notify import notify
 from flows.plan import stage_order, stale_stages
-from tasks.dvc import StageFailed, StageRun, fetch_stage, run_stage, up_to_date
+from flows.proctree import Limit, TimedOut, stop_on_signals
+from tasks.dvc import StageFailed, StageRun, StageTimeout, fetch_stage, run_stage, up_to_date
 from tasks.registry import nothing_registered, promotion_gate
 from tasks.report import close_pipeline_run, closing_lines, look_links, publish_report
 
@@ -43,8 +45,9 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     runs: list[StageRun] = []
     attempted: list[str] = []
     os.environ[PIPELINE_START_ENV] = str(int(time.time() * 1000))  # every stage's environment copies it
+    timeouts = load_params(root / "params.yaml").timeouts
     try:
-        run_stages(root, refresh, runs, attempted)
+        run_stages(root, refresh, runs, attempted, Budget(timeouts, time.monotonic() + timeouts.flow_s))
     except Exception:
         if any(stage.startswith(TRAIN_STAGE) for stage in attempted):
             close_pipeline_run(root, None, failed=True)
@@ -54,8 +57,8 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)
-    decision = gate(root) if any(run.stage == "register" for run in runs) else None
     params = load_params(root / "params.yaml")
+    decision = gate(root, params.timeouts) if any(run.stage == "register" for run in runs) else None
     if any(run.stage.startswith(TRAIN_STAGE) and not run.skipped for run in runs):
         close_pipeline_run(root, decision)
     links = look_links(root)
@@ -66,45 +69,90 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     return runs, decision, links
 
 
-def gate(root: Path) -> dict | None:
+def gate(root: Path, timeouts: TimeoutsConfig) -> dict | None:
     """The promotion gate's decision; None when the register stage registered nothing (no model
     above chance): the gate then has no new candidate to judge, and the report says why."""
     why = nothing_registered(root)
     if why is None:
-        return promotion_gate(root)
+        limit = Limit(timeouts.gate_s, "timeouts.gate_s", timeouts.grace_s)
+        return promotion_gate.with_options(timeout_seconds=backstop(limit))(root, limit)
     get_run_logger().warning("no promotion gate: the register stage registered nothing (%s)", why)
     return None
 
 
-def run_stages(root: Path, refresh: bool, runs: list[StageRun], attempted: list[str]) -> None:
-    """Each stage in DAG order into ``runs``; ``attempted`` names every stage started (the one
-    that failed included)."""
+@dataclass(frozen=True)
+class Budget:
+    """The stages' limits (``timeouts``) and the end of the flow's time (``time.monotonic()``)."""
+
+    timeouts: TimeoutsConfig
+    deadline: float
+
+    def limit(self, stage: str) -> Limit:
+        """How long ``stage`` may run: its own limit, or what is left of the flow's if less (then
+        StageTimeout at once when nothing is left: no stage starts after the flow's time is up)."""
+        name = stage.partition("@")[0]
+        own = Limit(self.timeouts.for_stage(stage),
+                    f"timeouts.stage_s.{name if name in self.timeouts.stage_s else 'other'}", self.timeouts.grace_s)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise StageTimeout(f"stage {stage!r} not started: the flow ran past its limit of "
+                               f"{self.timeouts.flow_s:.0f} s (timeouts.flow_s); raise it in params.yaml if the "
+                               "run needs longer", [], stage)
+        return own if own.seconds <= left else Limit(left, "timeouts.flow_s", self.timeouts.grace_s)
+
+
+def backstop(limit: Limit) -> float:
+    """Prefect's timeout_seconds for a task that runs a command with ``limit``: later than the
+    command's own limit and its stop (a clearer message), for a task stuck elsewhere."""
+    return limit.seconds + limit.grace_s + 60
+
+
+def run_stages(root: Path, refresh: bool, runs: list[StageRun], attempted: list[str], budget: Budget) -> None:
+    """Each stage in DAG order into ``runs``, each within its ``budget``; ``attempted`` names
+    every stage started (the one that failed included)."""
     # One `dvc status` instead of a `dvc repro` process per unchanged stage (about 1 s each).
     # Once a stage has run, every later one goes through `dvc repro`, which skips it if its
     # inputs came out the same.
     stale = stale_stages(root)
     for stage in stage_order(root):
         attempted.append(stage)
-        if stage == "fetch" and refresh:
-            runs.append(fetch_stage(stage, root, force=True))
-        elif stage not in stale and all(run.skipped for run in runs):
+        if stage not in stale and all(run.skipped for run in runs) and not (stage == "fetch" and refresh):
             runs.append(up_to_date(stage))
-        else:
-            runs.append((fetch_stage if stage == "fetch" else run_stage)(stage, root))
+            continue
+        limit = budget.limit(stage)
+        task = (fetch_stage if stage == "fetch" else run_stage).with_options(timeout_seconds=backstop(limit))
+        runs.append(task(stage, root, force=stage == "fetch" and refresh, limit=limit))
 
 
-def notify_failure(flow, flow_run, state) -> None:
-    """Flow hook: report a failed run to the webhook (if params.yaml sets one)."""
+def notify_end(flow, flow_run, state) -> None:
+    """Flow hook (on_failure, on_crashed, on_cancellation): announce how the run ended, through
+    the URLs of the workspace's params.yaml (flows/notify.py)."""
     root = Path(flow_run.parameters.get("workspace", ".")).resolve()
     try:
         cfg = load_params(root / "params.yaml").notify
     except Exception:  # params unreadable: that may be the failure itself; nothing to notify with
         return
-    notify(cfg, "failure", {"workspace": str(root), "flow": flow.name, "flow_run": str(flow_run.id),
-                            "message": state.message or str(state.type)})
+    notify(cfg, ending(state), {"message": state.message or str(state.type), "workspace": str(root),
+                                "flow": flow.name, "flow_run": str(flow_run.id), "state": state.name})
 
 
-@flow(name="finetune-pipeline", on_failure=[notify_failure])
+def ending(state) -> str:
+    """The notify event of a final state: crash, cancellation, timeout or failure. A stop asked
+    for by a signal (Ctrl-C, SIGTERM: see :func:`stop_on_signals`) is a cancellation; a crash is
+    a run whose process died (kill -9, out of memory), as its runner reports it."""
+    message = state.message or ""
+    # Prefect's Crashed message for a KeyboardInterrupt or a TerminationSignal (prefect/states.py).
+    if state.is_cancelled() or "aborted by an interrupt signal" in message or "aborted by a termination signal" in message:
+        return "cancellation"
+    if state.is_crashed():
+        return "crash"
+    # Prefect's own flow timeout names the state TimedOut; a stage's or the gate's, its error.
+    if state.name == "TimedOut" or any(name in message for name in (StageTimeout.__name__, TimedOut.__name__)):
+        return "timeout"
+    return "failure"
+
+
+@flow(name="finetune-pipeline", on_failure=[notify_end], on_crashed=[notify_end], on_cancellation=[notify_end])
 def pipeline(workspace: str = ".") -> tuple[list[StageRun], dict | None, dict[str, str]]:
     """Run every DVC stage of ``workspace`` in order, then the promotion gate; a failed stage
     fails the flow (and nothing after it runs). Waits while another run trains there, saying
@@ -132,8 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as err:
         print(f"pipeline failed before its first stage: {err}", file=sys.stderr)
         return 1
+    stop_on_signals()
     try:
-        _, decision, links = pipeline(args.workspace)
+        flow_s = load_params(Path(args.workspace) / "params.yaml").timeouts.flow_s
+        _, decision, links = pipeline.with_options(timeout_seconds=flow_s)(args.workspace)
+    except KeyboardInterrupt:
+        print(STOPPED, file=sys.stderr)
+        return 130
     except Exception as err:  # the flow's state and logs (and the Prefect UI) hold the details
         print(failure_message(err, args.verbose), file=sys.stderr)
         if quiet:
@@ -147,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(closing_lines(load_params(workspace / "params.yaml"), workspace, decision, has_remote(workspace),
                                   links)))
     return 0
+
+
+STOPPED = ("stopped: the running stage was stopped with its processes (a training keeps its last checkpoint "
+           "and resumes from it; one that had finished is recorded in dvc.lock) and the workspace is free. "
+           "Rerun the same command to go on.")
 
 
 def has_remote(workspace: Path) -> bool:

@@ -10,20 +10,24 @@ declares the same deployment for `prefect deploy` to a process work pool.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
 from finetune.config import load_params
 from flows.lock import WorkspaceBusy, workspace_lock
-from flows.pipeline import notify_failure, run_pipeline
+from flows.pipeline import STOPPED, notify_end, run_pipeline
+from flows.proctree import below, send, stop_on_signals
 
 
-@flow(name="finetune-retrain", on_failure=[notify_failure])
+@flow(name="finetune-retrain", on_failure=[notify_end], on_crashed=[notify_end], on_cancellation=[notify_end])
 def retrain(workspace: str = ".") -> dict:
     """Fetch again, run what changed, the gate, the report. A workspace already training makes
     this run wait or skip (``retrain.if_running``): never two trainings at once."""
@@ -49,6 +53,17 @@ def serve(root: Path) -> None:
                   description=__doc__)
 
 
+def stop_flow_runs(grace_s: float) -> None:
+    """When serving ends (SIGTERM: Prefect's runner exits; Ctrl-C): SIGTERM to the flow runs it
+    started, each its own process, which then stop their stage and announce the end (notify);
+    what is left after ``grace_s`` and 10 s more for the announcement is killed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (make scheduler's, after a Ctrl-C) waits for this
+    runs = below(os.getpid())
+    send(runs, signal.SIGTERM)
+    _, alive = psutil.wait_procs(runs, timeout=grace_s + 10)
+    send([process for process in below(os.getpid()) + alive if process.is_running()], signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: serve the scheduled deployment, or (--now) retrain once."""
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__)
@@ -56,11 +71,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--now", action="store_true", help="retrain once, now, instead of serving the schedule")
     args = parser.parse_args(argv)
     root = Path(args.workspace).resolve()
+    timeouts = load_params(root / "params.yaml").timeouts
     if not args.now:
-        serve(root)
+        try:
+            serve(root)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_flow_runs(timeouts.grace_s)
         return 0
+    stop_on_signals()
     try:
-        result = retrain(str(root))
+        result = retrain.with_options(timeout_seconds=timeouts.flow_s)(str(root))
+    except KeyboardInterrupt:
+        print(f"retraining {STOPPED}", file=sys.stderr)
+        return 130
     except Exception as err:
         print(f"retraining failed: {err}", file=sys.stderr)
         return 1

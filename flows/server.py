@@ -1,5 +1,6 @@
 """`make scheduler`: a real Prefect server on 127.0.0.1 with its state under the project
-(.prefect/, ignored by git), and the scheduled retraining served against it. Ctrl-C stops both.
+(.prefect/, ignored by git), and the scheduled retraining served against it. Ctrl-C or SIGTERM
+stops both (the flow runs first).
 
 Prefect cannot schedule on its ephemeral server, hence this. With PREFECT_API_URL already set
 (your own server), only the deployment is served.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.ports import check_free, configured
+from flows.proctree import stop_on_signals
 
 
 def start_server(home: Path, port: int, timeout: float = 180) -> subprocess.Popen:
@@ -59,9 +62,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = start_server(Path(".prefect").resolve(), port)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         print(f"Prefect server: http://127.0.0.1:{port} (state in .prefect/)", flush=True)
+    stop_on_signals()
+    served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--workspace", args.workspace], env=env)
     try:
-        return subprocess.call([sys.executable, "-m", "flows.retrain", "--workspace", args.workspace], env=env)
-    except KeyboardInterrupt:
+        return served.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the deployment stops its flow runs first (flows/retrain.py)
+        served.send_signal(signal.SIGTERM)
+        try:
+            served.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            served.kill()
         return 130
     finally:
         if server is not None:

@@ -1,5 +1,6 @@
-"""`python -m stack up|down|env|restart-postgres` (`make stack`, `make stack-down`): the shared
-stack on 127.0.0.1, its state under --root (default .stack/). See docs/team.md."""
+"""`python -m stack up|down|env|restart-postgres|backup|restore` (`make stack`, `make stack-down`,
+`make stack-backup`, `make stack-restore FILE=...`): the shared stack on 127.0.0.1, its state
+under --root (default .stack/). See docs/team.md."""
 
 from __future__ import annotations
 
@@ -9,16 +10,25 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from finetune.errors import FinetuneError
+from stack.auth import write_user_files
+from stack.backup import backup, restore
 from stack.lifecycle import down, purge, up
 from stack.postgres import StackError
-from stack.services import BUCKET, PORT_KEYS, POOL, Stack
+from stack.services import ADMIN, BUCKET, PIPELINE, PORT_KEYS, POOL, READER, Ports, Stack, write_private
 
 DVC_S3_PORT = 9000  # the endpoint of the DVC remote `shared` in .dvc/config
 
 
-def exports(stack: Stack) -> str:
-    """The shell lines a client runs to use the stack."""
-    return "\n".join(f"export {name}={value}" for name, value in stack.client_env().items())
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+
+
+def exports(stack: Stack, masked: bool = False) -> str:
+    """The shell lines a client runs to use the stack (``masked``: secrets cut to their first characters)."""
+    env = stack.client_env()
+    for name in SECRET_VARIABLES if masked else ():
+        env[name] = env[name][:4] + "..."
+    return "\n".join(f"export {name}={value}" for name, value in env.items())
 
 
 def report(stack: Stack, seconds: float) -> None:
@@ -27,13 +37,16 @@ def report(stack: Stack, seconds: float) -> None:
     print(f"  MLflow UI + API   {urls['MLflow']}   (runs and registry in PostgreSQL, artifacts in s3://{BUCKET}/mlflow)")
     print(f"  Prefect UI + API  {urls['Prefect']}   (on PostgreSQL; worker on the pool {POOL})")
     print(f"  S3 object store   {urls['S3']}   (bucket {BUCKET}; DVC remote `shared` = s3://{BUCKET}/dvc)")
-    print(f"  PostgreSQL        {urls['PostgreSQL']}   (user finetune, databases mlflow and prefect)")
-    print("\nIn each client's shell (also in .stack/env.sh: `source .stack/env.sh`):\n")
-    print(exports(stack))
+    print(f"  PostgreSQL        {urls['PostgreSQL']}   (user finetune, databases mlflow, mlflow_auth and prefect)")
+    print(f"\nMLflow's users: {PIPELINE} (below), {READER} ({stack.root / f'env.{READER}.sh'}) and {ADMIN} "
+          f"({stack.root / f'env.{ADMIN}.sh'}).")
+    print(f"In each client's shell: `source {stack.root / 'env.sh'}` (mode 600; secrets are shortened here):\n")
+    print(exports(stack, masked=True))
     if stack.ports.s3 != DVC_S3_PORT:
         print(f"dvc remote modify --local shared endpointurl {urls['S3']}")
     print("\nThen: make deploy; prefect deployment run finetune-retrain/scheduled-retrain; dvc push -r shared."
-          "\nStop with `make stack-down` (PostgreSQL's data stays; the object store's objects do not).")
+          f"\nStop with `make stack-down` (the data stays: PostgreSQL's, and the objects in {stack.objects});"
+          "\n`make stack-backup` writes one archive of both.")
 
 
 def overrides(given: list[str]) -> dict[str, int]:
@@ -48,32 +61,47 @@ def overrides(given: list[str]) -> dict[str, int]:
     return found
 
 
+def chosen_ports(args: argparse.Namespace) -> Ports | None:
+    """The ports that --port sets (all four: params.yaml is not read), the others the stack's own."""
+    given = overrides(args.port)
+    if not given or len(given) == len(PORT_KEYS):
+        return Ports(**given) if given else None
+    return replace(Stack(Path(args.root), Path(args.project)).ports, **given)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__)
-    parser.add_argument("action", choices=["up", "down", "env", "restart-postgres"])
+    parser.add_argument("action", choices=["up", "down", "env", "restart-postgres", "backup", "restore"])
     parser.add_argument("--root", default=".stack", help="the stack's state folder (default: %(default)s)")
     parser.add_argument("--project", default=".", help="the folder the worker runs flows in (default: here)")
     parser.add_argument("--purge", action="store_true", help="with down: delete the state folder too")
     parser.add_argument("--port", action="append", default=[], metavar="NAME=PORT",
                         help="with up: another port for UI (MLflow), PREFECT, S3 or POSTGRES than ports: in params.yaml")
+    parser.add_argument("--objects", type=Path, help="with a first up: the object store's folder (default: ROOT/objects)")
+    parser.add_argument("--file", type=Path, help="backup: the archive to write (default: stack-backups/stack-<UTC "
+                        "time>.tar.gz); restore: the archive to read")
     args = parser.parse_args(argv)
-    stack = Stack(Path(args.root), Path(args.project))
-    if args.port:
-        stack = Stack(stack.root, stack.project, replace(stack.ports, **overrides(args.port)))
     try:
-        if args.action == "up":
-            seconds = up(stack)
-            (stack.root / "env.sh").write_text(exports(stack) + "\n")
+        stack = Stack(Path(args.root), Path(args.project), chosen_ports(args), objects=args.objects)
+        if args.action in ("up", "restore"):
+            if args.action == "restore" and not args.file:
+                raise StackError("restore needs the archive: `make stack-restore FILE=stack-backups/stack-<date>.tar.gz`.")
+            seconds = up(stack) if args.action == "up" else restore(stack, args.file)
+            write_private(stack.root / "env.sh", exports(stack) + "\n")
+            write_user_files(stack)
             report(stack, seconds)
+        elif args.action == "backup":
+            backup(stack, args.file)
         elif args.action == "down":
             purge(stack) if args.purge else down(stack)
             print(f"The stack is stopped{' and its state deleted' if args.purge else f'; its state stays in {stack.root}'}.")
         elif args.action == "env":
-            print(exports(stack))
+            print(exports(stack, masked=True))  # the whole values: source ROOT/env.sh
         else:
             stack.postgres.restart()
-    except StackError as err:
-        print(f"make stack: {err}", file=sys.stderr)
+    except (StackError, FinetuneError) as err:
+        target = {"backup": "make stack-backup", "restore": "make stack-restore"}.get(args.action, "make stack")
+        print(f"{target}: {err}", file=sys.stderr)
         return 1
     return 0
 

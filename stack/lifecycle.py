@@ -8,6 +8,7 @@ import sys
 import time
 
 from finetune.ports import PortBusy, check_free
+from stack import auth, objectstore
 from stack.postgres import StackError
 from stack.services import BUCKET, HEARTBEAT_S, PORT_KEYS, POOL, ZOMBIES, Stack, save
 
@@ -15,40 +16,46 @@ SERVICES = ("s3", "mlflow", "prefect", "worker")  # detached processes, in start
 
 
 def start_s3(stack: Stack) -> None:
-    """moto's S3 server (objects in memory while it runs), and the bucket."""
-    import boto3
-
-    stack.spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(stack.ports.s3)],
-                stack.process_env())
-    stack.wait_http("s3", f"{stack.urls()['S3']}/moto-api/", 60)
-    env = stack.s3_env()
-    client = boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    if BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-        client.create_bucket(Bucket=BUCKET)
+    """The object store (s3rver, objects as files in stack.objects), with the bucket."""
+    prefix = stack.root / "s3rver"
+    objectstore.install(prefix)
+    env = stack.process_env(S3RVER_PREFIX=str(prefix), S3_DIRECTORY=str(stack.objects), S3_HOST=stack.host,
+                            S3_PORT=str(stack.ports.s3), S3_BUCKET=BUCKET, S3_ACCESS_KEY_ID=stack.s3_key,
+                            S3_SECRET_ACCESS_KEY=stack.s3_secret)
+    stack.spawn("s3", objectstore.command(), env)
+    stack.wait_http("s3", f"{stack.urls()['S3']}/_stack/health", 60)
 
 
 def start_mlflow(stack: Stack) -> None:
-    """`mlflow server`: runs and registry in PostgreSQL, artifacts in the bucket, served through it."""
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(stack.ports.mlflow),
+    """`mlflow server` with its basic-auth app: runs and registry in PostgreSQL, artifacts in the
+    bucket, served through it; then its users (stack/auth.py)."""
+    command = [sys.executable, "-m", "mlflow", "server", "--host", stack.host, "--port", str(stack.ports.mlflow),
                "--backend-store-uri", stack.postgres.url("mlflow"), "--serve-artifacts",
-               "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"]
+               "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1", "--app-name", "basic-auth"]
+    if stack.host != "127.0.0.1":  # MLflow answers only the Host headers it allows (DNS rebinding)
+        command += ["--allowed-hosts", f"localhost:*,127.0.0.1:*,{stack.host}:*"]
     # No job runner: its consumers (GenAI scorers) are processes this project never uses.
-    stack.spawn("mlflow", command, stack.process_env(**stack.s3_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    env = stack.process_env(**stack.s3_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                            MLFLOW_AUTH_CONFIG_PATH=str(auth.config(stack)),
+                            MLFLOW_FLASK_SERVER_SECRET_KEY=stack.secrets["flask"])
+    stack.spawn("mlflow", command, env)
     stack.wait_http("mlflow", f"{stack.urls()['MLflow']}/health", 240)
+    auth.ensure_users(stack)
+    auth.grant_pipeline(stack)
 
 
 def start_prefect(stack: Stack) -> None:
     """`prefect server start` on PostgreSQL, and (once) the automation that marks as crashed a
     flow run whose heartbeats stop (its worker or machine died)."""
-    env = stack.process_env(PREFECT_API_DATABASE_CONNECTION_URL=stack.postgres.url("prefect", "postgresql+asyncpg"))
-    stack.spawn("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+    env = stack.process_env(PREFECT_API_DATABASE_CONNECTION_URL=stack.postgres.url("prefect", "postgresql+asyncpg"),
+                            PREFECT_SERVER_API_AUTH_STRING=stack.prefect_auth())
+    stack.spawn("prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", stack.host,
                             "--port", str(stack.ports.prefect)], env)
     stack.wait_http("prefect", f"{stack.urls()['Prefect']}/api/health", 300)
     marker = stack.root / "prefect" / "automation-created"
     if not marker.exists():
         done = subprocess.run([sys.executable, "-m", "prefect", "automation", "create", "--from-file", str(ZOMBIES)],
-                              env=stack.process_env(PREFECT_API_URL=stack.client_env()["PREFECT_API_URL"]),
+                              env=stack.process_env(**stack.client_env()),
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise StackError(f"could not create the crashed-run automation ({ZOMBIES}):\n{done.stdout}{done.stderr}")
@@ -86,6 +93,7 @@ def up(stack: Stack, say=print) -> float:
     """Start every service that is not running; the seconds it took."""
     started = time.monotonic()
     free_ports(stack)
+    objectstore.tools()  # node and npm are missing: say so before anything starts
     save(stack)
     stack.postgres.init()
     if not stack.postgres.running():
@@ -109,10 +117,12 @@ def down(stack: Stack) -> None:
 
 
 def purge(stack: Stack) -> None:
-    """Delete the stack's state (stopped first): its folder, and PostgreSQL's data where it lives
-    outside it (postgres.cluster_folder)."""
+    """Delete the stack's state (stopped first): its folder, and PostgreSQL's data and the
+    object store's files where they live outside it (postgres.cluster_folder, --objects)."""
     down(stack)
     cluster = stack.root / "postgres"
     if cluster.is_symlink():
         shutil.rmtree(cluster.resolve(), ignore_errors=True)
+    if not stack.objects.is_relative_to(stack.root):
+        shutil.rmtree(stack.objects, ignore_errors=True)
     shutil.rmtree(stack.root, ignore_errors=True)

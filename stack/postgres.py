@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 SUPERUSER = "finetune"
-DATABASES = ("mlflow", "prefect")
+DATABASES = ("mlflow", "prefect", "mlflow_auth")  # the last: the MLflow server's users (stack/auth.py)
 INSTALL_HINT = ("install the PostgreSQL server package (Debian/Ubuntu: `apt-get install postgresql`; "
                 "macOS: `brew install postgresql`) or put the folder holding pg_ctl and initdb on PATH")
 
@@ -166,7 +166,7 @@ class Postgres:
         self.start()
 
     def create_databases(self) -> None:
-        """The databases of the MLflow and Prefect servers, created once."""
+        """The databases of the MLflow server (runs, users) and the Prefect server, created once."""
         import psycopg2
 
         deadline = time.monotonic() + 30

@@ -21,9 +21,13 @@ from stack.postgres import Postgres, StackError
 
 BUCKET = "finetune"
 POOL = "finetune-process"  # prefect.yaml's work pool
-S3_KEY, S3_SECRET, S3_REGION = "finetune", "finetune-secret", "us-east-1"  # the object store takes any
+S3_REGION = "us-east-1"  # any: the object store has one region
 ZOMBIES = Path(__file__).with_name("zombies.yaml")
 HEARTBEAT_S = 30  # flow-run heartbeats: a run that misses them for 90 s is marked crashed (zombies.yaml)
+# MLflow's users (stack/auth.py): the admin, the one the pipeline and the worker run as, one who only reads.
+ADMIN, PIPELINE, READER = "admin", "pipeline", "reader"
+# The secrets generated at a stack's first start besides the S3 keys and PostgreSQL's password.
+SECRETS = (ADMIN, PIPELINE, READER, "prefect", "flask")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ PORT_KEYS = {"postgres": "postgres", "s3": "s3", "mlflow": "ui", "prefect": "pre
 class Stack:
     """The stack whose state is in ``root`` (``.stack/``), serving ``project`` (the worker's folder)."""
 
-    def __init__(self, root: Path, project: Path, ports: Ports | None = None) -> None:
+    def __init__(self, root: Path, project: Path, ports: Ports | None = None, objects: Path | None = None) -> None:
         self.root, self.project = root.resolve(), project.resolve()
         saved = self.root / "stack.json"
         state = json.loads(saved.read_text()) if saved.exists() else {}
@@ -57,26 +61,54 @@ class Stack:
         self.ports = ports or (Ports(**state["ports"]) if "ports" in state else
                                Ports.configured(self.project / "params.yaml"))
         self.password = state.get("password") or secrets.token_hex(12)
+        # Generated at the first start, kept in stack.json (mode 600) and handed out in env.sh.
+        self.s3_key = state.get("s3_key") or f"finetune-{secrets.token_hex(6)}"
+        self.s3_secret = state.get("s3_secret") or secrets.token_urlsafe(30)
+        # The object store's files: <root>/objects unless another folder was named at the first start.
+        self.objects = Path(state.get("objects") or objects or self.root / "objects").resolve()
+        self.secrets = {name: state.get("secrets", {}).get(name) or secrets.token_urlsafe(24) for name in SECRETS}
+        # Where the services listen: 127.0.0.1 unless STACK_HOST names another address.
+        self.host = os.environ.get("STACK_HOST") or "127.0.0.1"
         self.postgres = Postgres(self.root, self.ports.postgres, self.password)
 
     # -- what clients need ---------------------------------------------------------------
     def urls(self) -> dict[str, str]:
-        return {"MLflow": f"http://127.0.0.1:{self.ports.mlflow}", "Prefect": f"http://127.0.0.1:{self.ports.prefect}",
-                "S3": f"http://127.0.0.1:{self.ports.s3}", "PostgreSQL": f"127.0.0.1:{self.ports.postgres}"}
+        """Where clients reach each service (PostgreSQL, which only the servers use, stays on 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return {"MLflow": f"http://{host}:{self.ports.mlflow}", "Prefect": f"http://{host}:{self.ports.prefect}",
+                "S3": f"http://{host}:{self.ports.s3}", "PostgreSQL": f"127.0.0.1:{self.ports.postgres}"}
 
     def client_env(self) -> dict[str, str]:
         """What a client exports: the two servers, and the object store's keys for `dvc push/pull`."""
         return {"MLFLOW_TRACKING_URI": self.urls()["MLflow"], "PREFECT_API_URL": f"{self.urls()['Prefect']}/api",
-                "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION}
+                "AWS_ACCESS_KEY_ID": self.s3_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret,
+                "AWS_DEFAULT_REGION": S3_REGION} | self.user_env(PIPELINE)
+
+    def user_env(self, user: str) -> dict[str, str]:
+        """The credentials of the MLflow user ``user`` and the Prefect API's auth string."""
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": self.secrets[user],
+                "PREFECT_API_AUTH_STRING": self.prefect_auth()}
+
+    def prefect_auth(self) -> str:
+        return f"{ADMIN}:{self.secrets['prefect']}"
 
     def s3_env(self) -> dict[str, str]:
         """What the MLflow server needs to reach the bucket (clients never do: --serve-artifacts)."""
-        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": S3_REGION,
-                "MLFLOW_S3_ENDPOINT_URL": self.urls()["S3"]}
+        return {"AWS_ACCESS_KEY_ID": self.s3_key, "AWS_SECRET_ACCESS_KEY": self.s3_secret,
+                "AWS_DEFAULT_REGION": S3_REGION, "MLFLOW_S3_ENDPOINT_URL": self.urls()["S3"]}
+
+    def s3_client(self):
+        """A boto3 client of the object store, with the stack's keys."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.urls()["S3"], region_name=S3_REGION,
+                            aws_access_key_id=self.s3_key, aws_secret_access_key=self.s3_secret)
 
     def process_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
+                     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING",
+                     "PREFECT_API_KEY"):
             env.pop(name, None)  # a developer's own servers must not leak into the stack's
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env | {"PREFECT_HOME": str(self.root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | extra
@@ -181,6 +213,17 @@ def tail(path: Path, chars: int = 1500) -> str:
 
 
 def save(stack: Stack) -> None:
+    """stack.json: the ports, the generated secrets and the objects folder, readable by its owner only."""
     stack.root.mkdir(parents=True, exist_ok=True)
-    (stack.root / "stack.json").write_text(json.dumps({"ports": asdict(stack.ports), "password": stack.password}))
-    (stack.root / "stack.json").chmod(0o600)
+    state = {"ports": asdict(stack.ports), "password": stack.password, "s3_key": stack.s3_key,
+             "s3_secret": stack.s3_secret, "objects": str(stack.objects), "secrets": stack.secrets}
+    write_private(stack.root / "stack.json", json.dumps(state))
+
+
+def write_private(path: Path, text: str) -> None:
+    """``text`` into ``path`` with mode 600 from the first byte (never readable by others, even briefly)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(text)
+    partial.replace(path)

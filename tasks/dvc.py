@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 
 from finetune.demo.workspace import stage_env
 from finetune.train.guard import WATCH_ENV, watch_entry
+from flows.proctree import DEFAULT_GRACE_S, Limit, TimedOut, stop_tree
 
 # What `dvc repro` prints for a stage whose deps, params and outs are unchanged.
 _SKIPPED = "didn't change, skipping"
@@ -78,14 +79,22 @@ def _flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
+class StageTimeout(StageFailed):
+    """A DVC stage ran past its limit (``timeouts.stage_s``) and was stopped."""
+
+
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, workspace: Path, force: bool = False) -> StageRun:
+def run_stage(stage: str, workspace: Path, force: bool = False, limit: Limit | None = None) -> StageRun:
     """`dvc repro --single-item <stage>` in ``workspace``; DVC itself skips an unchanged stage.
-    ``force``: run it even so (the retrain flow's fetch: is there a new archive at the URL?)."""
+    ``force``: run it even so (the retrain flow's fetch: is there a new archive at the URL?).
+    ``limit``: how long it may run (StageTimeout after that)."""
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     started = time.monotonic()
-    returncode, lines = stream(command, workspace, logger)
+    try:
+        returncode, lines = stream(command, workspace, logger, limit)
+    except TimedOut as err:
+        raise StageTimeout(f"stage {stage!r} {err}", [], stage) from None
     skipped = any(_SKIPPED in line for line in lines)
     if returncode != 0:
         raise StageFailed(f"stage {stage!r} failed in {workspace} (dvc repro exited "
@@ -93,23 +102,41 @@ def run_stage(stage: str, workspace: Path, force: bool = False) -> StageRun:
     return StageRun(stage, time.monotonic() - started, skipped)
 
 
-def stream(command: list[str], workspace: Path, logger) -> tuple[int, list[str]]:
+def stream(command: list[str], workspace: Path, logger, limit: Limit | None = None) -> tuple[int, list[str]]:
     """Run ``command`` in ``workspace`` with the project's environment, every output line into
-    ``logger`` as it comes; the exit status and the lines."""
+    ``logger`` as it comes; the exit status and the lines. Past ``limit``, or when this is
+    interrupted (Ctrl-C, SIGTERM, a Prefect timeout), the command's whole process tree is stopped
+    (flows/proctree.py) before anything else happens; past the limit, TimedOut."""
     # One MLflow parent run per flow run: the training stages nest their runs under it. A
     # training also stops when this flow process ends (killed worker, Ctrl-C), not only its dvc.
     watch = " ".join(filter(None, [os.environ.get(WATCH_ENV, ""), watch_entry(os.getpid())]))
     env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id(), WATCH_ENV: watch}
+    limit = limit or Limit(None, "", DEFAULT_GRACE_S)
     lines: list[str] = []
     in_error = False
-    with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    # A session of its own: a Ctrl-C at the terminal reaches this process alone, which stops the
+    # command's processes below DVC and lets DVC record a command that had finished (proctree.py).
+    with subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, start_new_session=True) as process:
         assert process.stdout is not None
-        for line in without_git_notices(raw.rstrip() for raw in process.stdout):
-            lines.append(line)
-            in_error = continues_error(line, in_error)
-            # Marked, so that the flow's console can leave it to the final message (flows/pipeline.py).
-            logger.info(line, extra={"stage_error": in_error})
+        watchdog = limit.watch(process)
+        try:
+            for line in without_git_notices(raw.rstrip() for raw in process.stdout):
+                lines.append(line)
+                in_error = continues_error(line, in_error)
+                # Marked, so that the flow's console can leave it to the final message (flows/pipeline.py).
+                logger.info(line, extra={"stage_error": in_error})
+            process.wait()
+        except BaseException:
+            watchdog.cancel()
+            stop_tree(process, limit.grace_s)
+            raise
+        watchdog.cancel()
+        watchdog.join()  # a tree being stopped right now: wait for the end of it
+    if watchdog.fired:
+        raise TimedOut(f"ran past its limit of {limit.seconds:.0f} s ({limit.key}) and was stopped with every "
+                       f"process it started; raise {limit.key} in params.yaml if it needs longer, or see in the "
+                       "lines above where it hung")
     return process.returncode, lines
 
 

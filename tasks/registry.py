@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from finetune.config import load_params
 from tasks.dvc import stream
+from flows.proctree import Limit
 
 
 class GateFailed(RuntimeError):
@@ -17,12 +18,14 @@ class GateFailed(RuntimeError):
 
 
 @task(name="promotion-gate")
-def promotion_gate(workspace: Path) -> dict:
+def promotion_gate(workspace: Path, limit: Limit | None = None) -> dict:
     """`python -m finetune promote` in ``workspace`` (a process of its own, like the stages):
-    production moves only if the candidate wins. Returns the recorded decision."""
+    production moves only if the candidate wins. Returns the recorded decision. ``limit``: how
+    long it may run (tasks/dvc.py TimedOut after that)."""
     # The decision comes back on the command's last line: this process need not import MLflow
     # and torch (seconds) to read the promotion log.
-    returncode, lines = stream([sys.executable, "-m", "finetune", "promote", "--json"], workspace, get_run_logger())
+    returncode, lines = stream([sys.executable, "-m", "finetune", "promote", "--json"], workspace, get_run_logger(),
+                               limit)
     if returncode != 0:
         raise GateFailed(f"`python -m finetune promote` failed in {workspace} (exit {returncode}); "
                          "its output is in the lines above")

@@ -128,3 +128,14 @@ def test_a_stage_overhead_is_its_wall_time_less_its_recorded_epochs(tmp_path, mo
     assert bench.stage_overhead(tmp_path, "scratch") == {"wall_s": 10.0, "epochs_s": 4.0, "overhead_s": 6.0,
                                                          "overhead_runs_s": [6.0, 8.5, 5.0]}
     assert len(commands) == 3 and commands[0][-4:] == ["repro", "--force", "--single-item", "train@scratch"]
+
+
+def test_the_serving_row_is_a_line_under_the_table_naming_its_machine():
+    data = report(12.0, 30.0)
+    data["serving"] = {"machine": "AMD EPYC, 2 cores (cpu)", "date": "2026-12-07", "model": "production",
+                       "requests": 2000, "concurrency": 16, "image": "500x375 JPEG", "req_s": 11.0, "wall_s": 181.8,
+                       "p50_ms": 1416.0, "p95_ms": 2093.1, "p99_ms": 2451.8, "statuses": {"200": 2000},
+                       "rss_before_mb": 1085.7, "rss_after_mb": 1103.1}
+    assert ("- serving, on AMD EPYC, 2 cores (cpu), 2026-12-07 (production, 2,000 requests of one 500x375 JPEG at "
+            "concurrency 16): 11.0 req/s, p50 1416.0 ms, p95 2093.1 ms, p99 2451.8 ms; server RSS 1085.7 MB before, "
+            "1103.1 MB after; 2000 × 200") in bench.table(data)

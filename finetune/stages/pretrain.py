@@ -9,6 +9,12 @@ ImageNet weights (or any state_dict) as usual.
 
 from __future__ import annotations
 
+# First of all, while the `dvc repro` that started this process is surely alive: note it, so
+# that killing it even during the imports below ends this stage (finetune/train/guard.py).
+from finetune.train.guard import record_starter
+
+record_starter(__name__)
+
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
 from finetune.command import check_params_first
 

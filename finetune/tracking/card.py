@@ -48,4 +48,4 @@ def with_judgment(card: str, decision: str, study: str | None) -> str:
     this version) as its last lines, replacing the ones an earlier decision wrote."""
     kept = card.split(f"\n\n{DECISION_HEADING}")[0].split("\n\n**Study:**")[0]
     study_line = f"\n\n**Study:** {study}" if study else ""
-    return f"{kept}{study_line}\n\n{DECISION_HEADING} {decision}"
+    return f"{kept}{study_line}\n\n{DECISION_HEADING} {decision}".lstrip("\n")  # lstrip: a version without a card

@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from finetune.config import Params
 from finetune.model.classifier import read_final
-from finetune.tracking.registry import CANDIDATE, PRODUCTION, registered_versions, run_exists
+from finetune.train.checkpoints import CHECKPOINT, set_aside_folder
+from finetune.tracking.cache_check import damaged
+from finetune.tracking.registry import CANDIDATE, PRODUCTION, production_history, registered_versions, run_exists
 from finetune.tracking.serving import evaluate_registered, load_served, portable
 from finetune.tracking.store import use_store
 
@@ -52,7 +54,20 @@ def diagnose(params: Params, project: Path = Path(".")) -> list[Finding]:
         findings += _check_model(client, project, variant, path, fingerprints)
     findings += _check_record(client, params, project)
     findings += _check_aliases(client, params, project)
+    findings += [Finding(d.problem(), d.repair) for d in damaged(project, str(params.data.dir))]
+    findings += _check_set_aside(project)
     return findings
+
+
+def _check_set_aside(project: Path) -> list[Finding]:
+    """Set-aside checkpoints left inside a DVC output (older versions put them there), where
+    every `dvc repro` caches them and `dvc push` sends them: a note, with the move out."""
+    found = sorted((project / "models").glob(f"*/{CHECKPOINT}.corrupt-*"))
+    return [Finding(f"{path.relative_to(project)} (a checkpoint set aside as unreadable) lies inside the DVC output "
+                    f"models/{path.parent.name}: it is cached and pushed with it",
+                    f"mkdir -p {set_aside_folder(path.parent).relative_to(project)} && mv {path.relative_to(project)} "
+                    f"{set_aside_folder(path.parent).relative_to(project)}/ (or delete it)", fatal=False)
+            for path in found]
 
 
 def _model_files(params: Params, project: Path) -> dict[str, Path]:
@@ -128,6 +143,8 @@ def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
         aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
     except MlflowException:
         return []  # nothing registered: the record check says what to run
+    if PRODUCTION not in aliases and registered_versions(client, name):
+        findings.append(_no_production(client, name, aliases))
     for alias in (CANDIDATE, PRODUCTION):
         if alias not in aliases:
             continue
@@ -139,11 +156,36 @@ def _check_aliases(client, params: Params, project: Path) -> list[Finding]:
         if alias == CANDIDATE:
             findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", REREGISTER))
             continue
-        readable = _readable_version(client, name, project, exclude=aliases[alias])
-        repair = (f"python -m finetune promote --force (or python -m finetune promote --version {readable})"
-                  if readable else f"{REREGISTER}, then python -m finetune promote --force")
-        findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}", repair))
+        findings.append(Finding(f"{name}@{alias} (v{aliases[alias]}) does not load: {why}",
+                                _production_repair(client, name, project, aliases)))
     return findings
+
+
+def _production_repair(client, name: str, project: Path, aliases: dict[str, str]) -> str:
+    """How to replace an unreadable production. When the candidate is that same version, the
+    gate (forced or not) has nothing to move ("unchanged"): register the model again as a new
+    version first, which becomes the candidate, and the gate then replaces the unreadable one."""
+    readable = _readable_version(client, name, project, exclude=aliases[PRODUCTION])
+    if aliases.get(CANDIDATE) == aliases[PRODUCTION]:
+        other = f" (or python -m finetune promote --version {readable})" if readable else ""
+        return f"{REREGISTER}, then python -m finetune promote{other}"
+    return (f"python -m finetune promote --force (or python -m finetune promote --version {readable})"
+            if readable else f"{REREGISTER}, then python -m finetune promote --force")
+
+
+def _no_production(client, name: str, aliases: dict[str, str]) -> Finding:
+    """Versions are registered but none is production (a store lost and repaired, the alias
+    deleted): `serve` and `predict` have nothing to load."""
+    history = [v for v in production_history(client, name) if v in registered_versions(client, name)]
+    if history:
+        repair = (f"python -m finetune rollback (restores v{history[-1]}, the last production still registered), "
+                  "or python -m finetune promote, which runs the gate on the candidate")
+    elif CANDIDATE in aliases:
+        repair = f"python -m finetune promote (the gate promotes the candidate v{aliases[CANDIDATE]} if it beats chance)"
+    else:
+        repair = "python -m finetune promote --version N, naming a registered version"
+    return Finding(f"{name} has registered versions ({', '.join(registered_versions(client, name))}) but no "
+                   "production alias: `serve` and `predict` have no model to load", repair)
 
 
 def _check_chance(params: Params, project: Path, alias: str, version: str, model) -> list[Finding]:

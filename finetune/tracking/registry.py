@@ -11,6 +11,9 @@ of versions, newest last) is a tag of the registered model, so rollback needs no
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import tempfile
@@ -57,6 +60,11 @@ HISTORY_TAG = "production_history"
 # the torch module the pyfunc wraps, as does `mlflow.pytorch.load_model("models:/<name>/<version>")`.
 NETWORK_TAG = "pytorch_model"
 LOG_TAG, LOG_FILE = "finetune.registry_log", "promotions.jsonl"
+# How long a promotion or rollback waits for another one of the same model (on this machine) to
+# finish: a gate run scores two models, seconds to minutes; longer means a hung process.
+LOCK_WAIT_S = 900
+# A gate decision taken again when production moved while it scored (another machine's promotion).
+DECIDE_TRIES = 3
 # A compared variant's test against chance, as the evaluate stage's metrics hold it and the
 # register record repeats it; CHANCE_WORDS in the order chance_words takes them.
 CHANCE_KEYS = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "chance_accuracy", "chance_p_value",
@@ -322,19 +330,60 @@ def promote(params: Params, project: Path = Path("."), version: str | None = Non
     model that loads is better, and the candidate loading from the same store shows the store
     itself answers. An unreadable candidate is never promoted (RegistryError)."""
     cfg = params.register_
-    use_store(project)
-    client = MlflowClient()
-    candidate = _version(client, cfg.model_name, version) if version else _alias(client, cfg.model_name, CANDIDATE)
-    if candidate is None:
-        raise RegistryError(f"{cfg.model_name} has no version with the alias {CANDIDATE!r}: run the register "
-                            "stage first (`dvc repro register`).")
-    production = _alias(client, cfg.model_name, PRODUCTION)
-    decision = _decide(params, project, candidate, production, force)
-    if decision.action == "promoted":
-        client.set_registered_model_alias(cfg.model_name, PRODUCTION, candidate.version)
-        _push_history(client, cfg.model_name, candidate.version)
-    record(client, params, project, decision)
-    return decision
+    with registry_lock(use_store(project), cfg.model_name):
+        client = MlflowClient()
+        candidate = _version(client, cfg.model_name, version) if version else _alias(client, cfg.model_name, CANDIDATE)
+        if candidate is None:
+            raise RegistryError(f"{cfg.model_name} has no version with the alias {CANDIDATE!r}: run the register "
+                                "stage first (`dvc repro register`).")
+        decision = _decide_current(params, project, client, candidate, force)
+        if decision.action == "promoted":
+            client.set_registered_model_alias(cfg.model_name, PRODUCTION, candidate.version)
+            _push_history(client, cfg.model_name, candidate.version)
+        record(client, params, project, decision)
+        return decision
+
+
+def _decide_current(params: Params, project: Path, client: MlflowClient, candidate, force: bool) -> Decision:
+    """The gate's decision against the production alias as it is right before the write: scoring
+    takes seconds, and a promotion from another machine (which the file lock does not reach) may
+    move the alias meanwhile; then the decision is taken again against the new production."""
+    name = params.register_.model_name
+    for _ in range(DECIDE_TRIES):
+        production = _alias(client, name, PRODUCTION)
+        decision = _decide(params, project, candidate, production, force)
+        now = _alias(client, name, PRODUCTION)
+        if _v(now) == _v(production):
+            return decision
+        log.warning("production of %s moved from %s to %s while the gate scored: deciding again", name,
+                    _v(production), _v(now))
+    raise RegistryError(f"production of {name} kept moving while the gate decided ({DECIDE_TRIES} tries): another "
+                        "promotion or rollback is running against the same tracking store. Run "
+                        "`python -m finetune promote` again when it is done.")
+
+
+@contextlib.contextmanager
+def registry_lock(store: str, name: str):
+    """Hold an exclusive lock (fcntl) for model ``name`` in tracking store ``store`` on this machine:
+    promotions and rollbacks of the same model serialize, whichever workspace they run from."""
+    digest = hashlib.sha256(f"{store}\n{name}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"finetune-registry-{digest}.lock"
+    deadline = time.monotonic() + LOCK_WAIT_S
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"another promotion or rollback of {name} has held {path} for over {LOCK_WAIT_S:.0f} s: "
+                        "wait for it to finish (`ps` shows it), then run the command again.") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _version(client: MlflowClient, name: str, version: str):
@@ -426,8 +475,13 @@ def rollback(params: Params, project: Path = Path(".")) -> Decision:
     (with the production alias gone, the newest registered entry). When there is none, the
     error names the registered versions and `promote --version N`, which works from any state."""
     cfg = params.register_
-    use_store(project)
-    client = MlflowClient()
+    with registry_lock(use_store(project), cfg.model_name):
+        return _rollback(params, project, MlflowClient())
+
+
+def _rollback(params: Params, project: Path, client: MlflowClient) -> Decision:
+    """rollback's work, under the registry lock."""
+    cfg = params.register_
     current = _alias(client, cfg.model_name, PRODUCTION)
     history = _history(client, cfg.model_name)
     existing = registered_versions(client, cfg.model_name)
@@ -456,12 +510,24 @@ def _v(version) -> str:
     return f"v{version.version}" if version is not None else "no production alias"
 
 
+def production_history(client: MlflowClient, name: str) -> list[str]:
+    """The versions that held production, oldest first (the tag production_history; [] if none)."""
+    try:
+        return _history(client, name)
+    except MlflowException:
+        return []
+
+
 def _history(client: MlflowClient, name: str) -> list[str]:
     return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
 
 def _push_history(client: MlflowClient, name: str, version: str) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(_history(client, name) + [str(version)]))
+    """Put ``version`` on top of the production history, read right before the write; a version
+    already on top is not pushed again (two promotions to it are one production period)."""
+    history = _history(client, name)
+    if history[-1:] != [str(version)]:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [str(version)]))
 
 
 def record(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:

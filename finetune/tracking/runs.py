@@ -244,9 +244,15 @@ def log_setup(settings, cfg: TrainConfig, version, commit, project, params: Para
         values["lr.head"] = cfg.lr * cfg.head_lr_mult
     if cfg.strategy == "gradual":
         values["lr.unfrozen"] = cfg.lr * cfg.unfreeze_lr_mult
-    mlflow.log_params(values)
-    log_data(mlflow.active_run().info.run_id, params.data.url, params.data.dir, version,
-             ("train", "validation") if n_val else ("train",))
+    run_id = mlflow.active_run().info.run_id
+    # A run continued after a stop before its first epoch has its params already; MLflow refuses
+    # to change one (the git commit moves when `make demo` refreshes its workspace): keep the first.
+    logged = MlflowClient().get_run(run_id).data.params
+    changed = sorted(k for k, v in values.items() if k in logged and logged[k] != str(v))
+    if changed:
+        log.warning("continuing run %s: params %s keep the values first logged", run_id, ", ".join(changed))
+    mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+    log_data(run_id, params.data.url, params.data.dir, version, ("train", "validation") if n_val else ("train",))
     log_json(settings, "config.json")
     report = project / params.validate_.report
     if report.exists():

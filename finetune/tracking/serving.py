@@ -11,12 +11,14 @@ Answers are per row: ``{"predictions": [{"class", "confidence", "probabilities"}
 serve.max_image_mb, or over the pixel limit: sizes checked on the header, before decoding) is an
 error entry naming its row and the reason; the other rows are scored. HTTP 200 when at least one
 row was scored; 400 when none was, or when the request as a whole is malformed (not JSON, no
-``image`` column, no rows); 413 for a body over serve.max_request_mb, before it is read. Error
+``image`` column, no rows); 413 for a body over serve.max_request_mb, before it is read; 408 for
+a body not all there serve.read_timeout_s after the head (finetune/tracking/server.py runs it). Error
 messages never repeat the request's data nor Python object reprs, and the server goes on serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ctypes
 import ctypes.util
@@ -40,7 +42,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from finetune.config import ModelConfig, Params, ServeConfig, load_params
+from finetune.config import ModelConfig, Params, ServeConfig
 from finetune.data import portable as data_portable
 from finetune.errors import FinetuneError, plain_error
 from finetune.evaluate.figures import errors_figure, save_png
@@ -134,10 +136,12 @@ def load_served(uri: str, project: Path = Path(".")):
 
 class RequestSizeLimit:
     """ASGI middleware: a request whose body is over ``max_bytes`` (declared in Content-Length, or
-    counted while it streams in) is answered 413 before the app reads or parses any of it."""
+    counted while it streams in) is answered 413 before the app reads or parses any of it; one
+    whose body has not all arrived ``read_timeout_s`` after its head is answered 408 (a stalled
+    client holds a connection and its buffers no longer than that)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, read_timeout_s: float | None = None):
+        self.app, self.max_bytes, self.read_timeout_s = app, max_bytes, read_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -148,19 +152,13 @@ class RequestSizeLimit:
             return await answer(send, 400, f"Content-Length {shown!r} is not a number.")
         if declared is not None and int(declared) > self.max_bytes:
             return await self.refuse(send, f"declares {int(declared)} bytes")
-        chunks, size = [], 0
-        while True:  # the body, counted as it arrives (chunked requests declare no length)
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self.refuse(send, f"sent more than {self.max_bytes} bytes")
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        del chunks
+        try:
+            body = await asyncio.wait_for(self.read_body(receive), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            return await answer(send, 408, f"the request body did not arrive within {self.read_timeout_s:g} s "
+                                           "(serve.read_timeout_s); send the whole request at once.")
+        if isinstance(body, str):  # why the body was refused, or "" for a client gone
+            return await self.refuse(send, body) if body else None
         sent = False
 
         async def replay():
@@ -175,6 +173,21 @@ class RequestSizeLimit:
         finally:
             release_memory()
 
+    async def read_body(self, receive) -> bytes | str:
+        """The body, counted as it arrives (chunked requests declare no length); a str instead:
+        why it is refused (over max_bytes), or "" when the client disconnected."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return ""
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return f"sent more than {self.max_bytes} bytes"
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
     async def refuse(self, send, what: str) -> None:
         await answer(send, 413, f"the request {what}, over the limit of {self.max_bytes / 2**20:.1f} MB "
                                 "(serve.max_request_mb); send fewer or smaller images per request.")
@@ -183,7 +196,8 @@ class RequestSizeLimit:
 async def answer(send, status: int, message: str) -> None:
     """An MLflow-style JSON error (``error_code``, ``message``); the connection closes after it,
     since the rest of the body is never read."""
-    body = json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
+    code = "REQUEST_TIMEOUT" if status == 408 else "BAD_REQUEST"
+    body = json.dumps({"error_code": code, "message": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
@@ -278,19 +292,8 @@ def scoring_app(model, limits: ServeConfig):
     from mlflow.pyfunc import scoring_server
 
     model.unwrap_python_model().apply_limits(limits)
-    return RequestSizeLimit(PerRowAnswers(scoring_server.init(model)), int(limits.max_request_mb * 2**20))
-
-
-def serve(uri: str, host: str, port: int, project: Path = Path("."), limits: ServeConfig | None = None) -> None:
-    """Serve ``uri`` (tracking store: the project's) on host:port until stopped (SIGTERM, Ctrl-C);
-    ``limits``: the ``serve:`` section (default: the project's params.yaml)."""
-    import uvicorn
-
-    limits = limits or load_params(project / "params.yaml").serve
-    app = scoring_app(load_served(uri, project), limits)  # a bad URI fails here, with a clear message
-    print(f"serving {uri} on http://{host}:{port}/invocations (POST {{\"dataframe_records\": "
-          f"[{{\"{IMAGE_COLUMN}\": \"<base64 image>\"}}]}})", flush=True)
-    uvicorn.run(app, host=host, port=port, workers=1, log_level="info")
+    return RequestSizeLimit(PerRowAnswers(scoring_server.init(model)), int(limits.max_request_mb * 2**20),
+                            limits.read_timeout_s)
 
 
 def evaluate_registered(params: Params, uri: str, project: Path = Path("."), model=None) -> VariantEval:

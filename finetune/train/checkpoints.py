@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench 
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+SET_ASIDE = "set-aside"  # models/set-aside/<variant>: unreadable checkpoints, outside every DVC output
 
 
 def save_checkpoint(out_dir: Path, state: dict) -> None:
@@ -136,10 +137,19 @@ def load_checkpoint(out_dir: Path, fingerprint: str) -> dict | None:
     return state
 
 
+def set_aside_folder(out_dir: Path) -> Path:
+    """Where unreadable checkpoints of ``out_dir`` (models/<variant>) are kept: models/set-aside/<variant>,
+    outside the DVC output, so that they are neither cached nor pushed with the model."""
+    return out_dir.parent / SET_ASIDE / out_dir.name
+
+
 def set_aside(path: Path, err: Exception) -> Path:
-    """Rename an unreadable checkpoint to ``<name>.corrupt-<time>`` (kept for a look); its new path."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-    os.replace(path, aside)
+    """Move an unreadable checkpoint to ``set_aside_folder``/``<name>.corrupt-<time>`` (kept for a
+    look); its new path, which the warning names."""
+    folder = set_aside_folder(path.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    aside = folder / f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    os.replace(path, aside)  # the same file system: models/ holds both
     log.warning("%s is unreadable (%s: %s): moved it to %s and training starts again from epoch 1; "
                 "delete that file when you no longer need it", path, type(err).__name__,
                 str(err).split(". ")[0][:200], aside)

@@ -10,6 +10,10 @@ is whole, since checkpoints are written atomically) when the process that starte
 a killed ``dvc repro``. DVC runs a stage through ``$SHELL -c`` (``/bin/sh`` when unset); bash
 replaces itself by the command but dash stays in between and survives the death of DVC, so the
 parent-death signal alone is not enough: a watch thread checks the starter itself.
+
+``record_starter``: the starter is noted at a stage module's first line, before torch and MLflow
+load (seconds), while it is surely alive; a stage whose ``dvc repro`` was killed even before that
+(DVC's ``sh -c`` left to init) ends at once instead of training on with no one to stop it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ WATCH_ENV = "FINETUNE_WATCH"
 POLL_S = 0.5
 _SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
 _PR_SET_PDEATHSIG = 1
+# DVC sets it for every stage command (dvc/stage/run.py): its starter is DVC, through `sh -c`.
+DVC_STAGE_ENV = "DVC_STAGE"
+# The processes (pids: a forked child must look again) whose starter is watched already.
+_ARMED: set[int] = set()
 
 
 @contextmanager
@@ -95,15 +103,33 @@ def holder(handle: TextIO) -> tuple[str, str]:
     return pid or "?", since or "?"
 
 
+def record_starter(module: str) -> None:
+    """Under ``python -m`` on Linux: :func:`stop_with_starter` now, at a stage module's first line,
+    before the stage imports its heavy libraries (seconds), while its starter is surely alive. A
+    stage that DVC started whose starter has already ended (init is all that is left above DVC's
+    ``sh -c``) exits at once with one line: nothing has been done, and nothing would stop it later."""
+    if module != "__main__" or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    stop_with_starter()
+    # Checked after arming the parent-death signal: a parent that died before it was armed shows up here.
+    if os.getppid() != parent or (_ancestry()[1] and os.environ.get(DVC_STAGE_ENV)):
+        raise SystemExit(f"error: stage {os.environ.get(DVC_STAGE_ENV) or module} not started: the process that "
+                         "started it (dvc repro) has already ended; nothing was done. Rerun `dvc repro` (or the "
+                         "flow).")
+
+
 def stop_with_starter() -> None:
-    """End this process when its starter ends (Linux; elsewhere a no-op).
+    """End this process when its starter ends (Linux; elsewhere a no-op; once per process: a
+    second call does nothing).
 
     The starter is the nearest ancestor that is not a ``sh -c`` wrapper: ``dvc repro``, a flow,
     a test. A process started by hand from an interactive shell is left alone (``nohup`` must
     work), and so is one whose starter is init. Processes named in ``FINETUNE_WATCH`` are
     watched too; this one's starter is added there for the processes it starts (torchrun)."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.getpid() in _ARMED:
         return
+    _ARMED.add(os.getpid())
     watched = [w for w in os.environ.get(WATCH_ENV, "").split() if re.fullmatch(r"\d+:\d+", w)]
     starter = _starter()
     if starter is not None:
@@ -125,17 +151,27 @@ def watch_entry(pid: int) -> str:
 def _starter() -> str | None:
     """``pid:start`` of the nearest ancestor that is not a ``sh -c`` wrapper; None for init or
     an interactive shell."""
+    return _ancestry()[0]
+
+
+def _ancestry() -> tuple[str | None, bool]:
+    """(:func:`_starter`, whether the walk up ended at init: no starter is left above the
+    ``sh -c`` wrappers, or there never was one)."""
     pid = os.getppid()
     while pid > 1:
         comm, ppid, start = _stat(pid)
         if comm is None:
-            return None
+            return None, True
         if comm not in _SHELLS:
-            return f"{pid}:{start}"
+            return f"{pid}:{start}", False
         if "-c" not in _cmdline(pid):
-            return None  # started by hand: the terminal (SIGHUP) decides, not us
+            return None, False  # started by hand: the terminal (SIGHUP) decides, not us
         pid = ppid
-    return None
+    # A container's pid 1 may be DVC itself (`docker run ... dvc repro`): a starter, not init.
+    init = _stat(1)[0] or ""
+    if pid == 1 and (init == "dvc" or init.startswith("python")):
+        return f"1:{_stat(1)[2]}", False
+    return None, True
 
 
 def _watch(watched: list[str]) -> None:

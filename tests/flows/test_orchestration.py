@@ -45,20 +45,41 @@ def webhook():
 
 
 @pytest.mark.parametrize(("event", "events", "delivered"), [("promotion", ("promotion",), True),
-                                                             ("failure", ("failure", "promotion"), True),
+                                                             ("crash", ("crash", "promotion"), True),
                                                              ("refusal", ("failure", "promotion"), False)])
 def test_notify_posts_the_events_asked_for(webhook, event, events, delivered):
     url, received = webhook
-    cfg = NotifyConfig(webhook_url=f"{url}/hook", events=events, timeout_s=5)
-    assert notify(cfg, event, {"message": "m"}) is delivered
-    assert received == ([{"path": "/hook", "event": event, "message": "m"}] if delivered else [])
+    cfg = NotifyConfig(urls=(url.replace("http://", "json://") + "/hook",), events=events, timeout_s=5)
+    payload = {"message": "m", "workspace": "/w", "decision": {"action": "promoted"}}
+    assert notify(cfg, event, payload) is delivered
+    if delivered:
+        assert [(r["path"], r["title"], r["type"]) for r in received] == [
+            ("/hook", f"finetune pipeline: {event}", "failure" if event == "crash" else "success")]
+        assert received[0]["message"] == "m\nworkspace: /w\ndecision.action: promoted"
+    else:
+        assert received == []
 
 
-def test_a_failing_webhook_is_logged_not_raised(webhook, caplog):
+def test_a_failing_or_invalid_url_is_logged_not_raised(webhook, caplog):
     url, received = webhook
-    assert notify(NotifyConfig(webhook_url=f"{url}/broken", events=("failure",), timeout_s=5), "failure", {}) is False
-    assert len(received) == 1 and "webhook" in caplog.text
-    assert notify(NotifyConfig(webhook_url=None, events=("failure",), timeout_s=5), "failure", {}) is False
+    broken = NotifyConfig(urls=(url.replace("http://", "json://") + "/broken",), events=("failure",), timeout_s=5)
+    assert notify(broken, "failure", {}) is False
+    assert len(received) == 1 and "did not reach every URL of notify.urls" in caplog.text
+    assert notify(NotifyConfig(urls=(), events=("failure",), timeout_s=5), "failure", {}) is False
+    assert notify(NotifyConfig(urls=("nosuchscheme://secret-token",), events=("failure",), timeout_s=5), "failure", {}) is False
+    assert "'nosuchscheme://secr...' is not an apprise URL" in caplog.text
+
+
+def test_the_old_webhook_url_key_says_what_replaced_it(tmp_path):
+    from finetune.errors import ConfigError
+
+    text = (REPO / "params.yaml").read_text().replace("  urls: []", "  webhook_url: https://hooks.example.org/x", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(tmp_path / "params.yaml")
+    assert "notify.webhook_url was replaced by notify.urls (apprise URLs): write urls: " \
+           "[jsons://hooks.example.org/x]" in str(caught.value)
+    assert "Traceback" not in str(caught.value) and "got {" not in str(caught.value)
 
 
 HOLD = "import sys, time; from flows.lock import workspace_lock; ctx = workspace_lock(sys.argv[1], wait=False); " \
@@ -225,3 +246,17 @@ def test_a_finished_run_ends_with_its_answer_in_at_most_six_lines(tmp_path):
     # No tracking record (the store did not answer): the report still, and no URL made up.
     assert closing_lines(params, tmp_path, decision, False)[3].endswith("MLflow (after `make ui WORKSPACE="
                                                                         f"{tmp_path}`): no run recorded")
+
+
+def test_each_end_of_a_run_is_announced_as_its_own_event():
+    from prefect.states import Cancelled, Crashed, Failed
+
+    from flows.pipeline import ending
+
+    assert ending(Failed(message="Flow run encountered an exception: StageFailed: stage 'fetch' failed")) == "failure"
+    assert ending(Failed(message="Flow run encountered an exception: StageTimeout: stage 'fetch' ran past")) == "timeout"
+    assert ending(Failed(message="Flow run exceeded timeout of 5 second(s)", name="TimedOut")) == "timeout"
+    assert ending(Crashed(message="Flow run process exited with non-zero status code -9.")) == "crash"
+    assert ending(Crashed(message="Execution was aborted by a termination signal.")) == "cancellation"
+    assert ending(Crashed(message="Execution was aborted by an interrupt signal.")) == "cancellation"
+    assert ending(Cancelled(message="cancelled in the UI")) == "cancellation"

@@ -82,3 +82,54 @@ def test_as_root_the_data_goes_where_the_postgres_user_can_reach_it(tmp_path):
         assert cluster_folder(root, user) == folder  # the same place next time
     finally:
         subprocess.run(["rm", "-rf", str(folder)], check=True)
+
+
+def test_restore_refuses_what_is_not_a_stack_backup_in_one_paragraph(tmp_path):
+    import io
+    import tarfile
+
+    not_gzip = tmp_path / "notes.tar.gz"
+    not_gzip.write_text("hello")
+    no_manifest = tmp_path / "other.tar.gz"
+    with tarfile.open(no_manifest, "w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("readme.txt"), io.BytesIO(b""))
+    for archive, says in ((tmp_path / "missing.tar.gz", "no such file"), (not_gzip, "is not a readable stack backup"),
+                          (no_manifest, "has no manifest.json")):
+        done = stack_cli("restore", "--root", str(tmp_path / "stack"), "--file", str(archive))
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"make stack-restore: {archive}") and says in done.stderr, done.stderr
+        assert "make stack-backup" in done.stderr  # the fix: an archive that it wrote
+    assert not (tmp_path / "stack").exists()  # nothing started, nothing written
+
+
+def test_restore_never_overwrites_a_stack_that_holds_data(tmp_path):
+    from stack.backup import FORMAT
+    from stack.postgres import DATABASES
+
+    archive = tmp_path / "stack.tar.gz"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "manifest.json").write_text(f'{{"format": {FORMAT}, "created": "now", "objects": 0}}')
+    dumps = [f"{name}.dump" for name in DATABASES]
+    for name in dumps:
+        (scratch / name).write_bytes(b"")
+    subprocess.run(["tar", "czf", str(archive), "-C", str(scratch), "manifest.json", *dumps], check=True)
+    kept = tmp_path / "stack" / "objects" / "finetune" / "model.pt._S3rver_object"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"a model")
+    done = stack_cli("restore", "--root", str(tmp_path / "stack"), "--file", str(archive))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "already holds a stack's data" in done.stderr and "make stack-down PURGE=1" in done.stderr
+    assert kept.read_bytes() == b"a model"
+
+
+def test_without_node_the_stack_names_what_to_install_before_anything_starts(tmp_path):
+    bare = tmp_path / "bin"  # a PATH with this Python but no node or npm
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    done = subprocess.run([str(bare / "python"), "-m", "stack", "up", "--root", str(tmp_path / "stack"),
+                           *[f"--port={name}={free}" for name, free in (("UI", 1), ("PREFECT", 2), ("S3", 3), ("POSTGRES", 4))]],
+                          cwd=REPO, env=dict(os.environ, PATH=str(bare)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "needs node and npm, which is not on PATH" in done.stderr and "apt-get install nodejs npm" in done.stderr
+    assert not (tmp_path / "stack" / "postgres").exists()

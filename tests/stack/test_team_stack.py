@@ -1,5 +1,5 @@
 """The shared stack as a team runs it (stack/, `make stack`): real PostgreSQL, a real S3 server
-(moto), `mlflow server` on both, `prefect server` on PostgreSQL and a process worker, all on
+(s3rver, objects on disk), `mlflow server` on both, `prefect server` on PostgreSQL and a process worker, all on
 127.0.0.1. The scheduled deployment runs on the worker into the tracking server and the bucket,
 `dvc push`/`dvc pull` move the data and models between two clones; then the stack's failures:
 PostgreSQL restarted, the worker killed mid-run, the tracking server stopped mid-training; and a
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from train.test_training import make_project
 from finetune.demo.workspace import stage_env, sync_workspace, write_params
 from flows.lock import LOCK_FILE
 from stack.lifecycle import purge, start_mlflow, start_worker, up
-from stack.services import BUCKET, Ports, Stack
+from stack.services import BUCKET, PIPELINE, Ports, Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 DEPLOYMENT = "finetune-retrain/scheduled-retrain"
@@ -62,7 +63,12 @@ def team(tmp_path_factory, mirror):
     env = stage_env() | stack.client_env() | {"PREFECT_HOME": str(stack.root / "prefect"),
                                                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     dvc(workspace, env, "remote", "modify", "--local", "shared", "endpointurl", stack.urls()["S3"])
+    # This process's MlflowClient and the stage processes it starts sign in as the pipeline user.
+    signed_in = stack.user_env(PIPELINE)
+    os.environ.update(signed_in)
     yield stack, workspace, env
+    for name in signed_in:
+        os.environ.pop(name, None)
     purge(stack)  # PostgreSQL's data may live outside tmp (as root: /var/tmp)
 
 
@@ -268,7 +274,8 @@ def test_two_nodes_under_torchrun_train_one_model_into_one_run(team, tmp_path):
     before = {run.info.run_id for run in training_runs(client)}
     nodes = [separable_project(tmp_path / f"node{rank}", 1) for rank in range(2)]  # two machines, same data
     # No shared folder: each node's first process builds that node's decode cache.
-    env = stage_env() | {"MLFLOW_TRACKING_URI": stack.urls()["MLflow"], "GLOO_SOCKET_IFNAME": "lo"}
+    env = stage_env() | stack.user_env(PIPELINE) | {"MLFLOW_TRACKING_URI": stack.urls()["MLflow"],
+                                                    "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("FINETUNE_PIPELINE_RUN", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes",

@@ -1,6 +1,8 @@
 """Production can always be repaired (issue 16): an unreadable production, a lost MLflow store,
 rollback and `promote --version` from any state, and `python -m finetune doctor` naming each
-mismatch with its repair. Real models, the project's own SQLite store, real subprocesses."""
+mismatch with its repair (issue 23: damaged DVC cache objects, a missing production alias, an
+unreadable production that is also the candidate, set-aside checkpoints). Real models, the
+project's own SQLite store, real DVC, real subprocesses."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from models import MISSES_TWO, PERFECT, params, project_with_data, save_variant
 
 from finetune.stages.evaluate import EvalPaths, run_evaluate
+from finetune.tracking.cache_check import md5_of
+from finetune.tracking.doctor import diagnose
 from finetune.tracking.registry import PRODUCTION, RegistryError, promote, register_candidate, rollback
 from finetune.tracking.store import use_store
 
@@ -120,8 +124,13 @@ def test_a_lost_store_is_re_registered_without_retraining(project):
     assert tag == source == found != first.run_id  # the run the model was logged to, and it exists
     assert f"run {tag}) registered as" in again.stdout
 
+    # The registry is back but has no production (issue 23: doctor said "all consistent" here).
     after = cli(project, "finetune", "doctor")
-    assert after.returncode == 0 and "all consistent" in after.stdout, after.stdout + after.stderr
+    assert after.returncode == 1 and "but no production alias" in after.stdout, after.stdout + after.stderr
+    assert "repair: python -m finetune promote (the gate promotes the candidate v1" in after.stdout
+    assert cli(project, "finetune", "promote").returncode == 0 and production(project) == "1"
+    fixed = cli(project, "finetune", "doctor")
+    assert fixed.returncode == 0 and "all consistent" in fixed.stdout, fixed.stdout + fixed.stderr
 
 
 def test_rollback_and_promote_version_from_any_state(project):
@@ -158,3 +167,113 @@ def test_doctor_notes_a_register_that_registered_nothing(project):
     assert ("note: the last register stage registered nothing (reports/register.json): finetune did no better "
             "than chance (accuracy 0.500, chance 0.500, binomial p = 0.59)") in doctor.stdout
     assert "train variants that learn" in doctor.stdout
+
+
+def test_an_unreadable_production_that_is_the_candidate_and_a_missing_production_alias(project):
+    """Issue 23: with candidate = production and production unreadable, doctor named
+    `promote --force`, which says "unchanged"; after a lost and repaired store it said "all
+    consistent" with no production alias. Each named repair is run here and works."""
+    register(project, PERFECT, OTHER, "e1")
+    assert promote(params(project), project).action == "promoted"  # candidate = production = v1
+    corrupt(project, "1")
+    doctor = cli(project, "finetune", "doctor")
+    assert doctor.returncode == 1 and "@production (v1) does not load" in doctor.stdout, doctor.stdout
+    repair = "python -m finetune.stages.register --models models --new-version"
+    assert f"repair: {repair}, then python -m finetune promote\n" in doctor.stdout, doctor.stdout
+    assert cli(project, *repair.split()[2:]).returncode == 0
+    promoted = cli(project, "finetune", "promote")
+    assert promoted.stdout.startswith("promoted: ") and "v1 -> v2" in promoted.stdout, promoted.stdout
+    assert production(project) == "2"
+
+    use_store(project)
+    MlflowClient().delete_registered_model_alias(params(project).register_.model_name, PRODUCTION)
+    doctor = cli(project, "finetune", "doctor")
+    assert doctor.returncode == 1 and "(1, 2) but no production alias" in doctor.stdout, doctor.stdout
+    assert "repair: python -m finetune rollback (restores v2" in doctor.stdout
+    assert cli(project, "finetune", "rollback").returncode == 0 and production(project) == "2"
+    after = cli(project, "finetune", "doctor")
+    assert after.returncode == 0 and "all consistent" in after.stdout, after.stdout + after.stderr
+
+
+DVC_YAML = """stages:
+  fetch:
+    cmd: "true"
+    outs:
+      - data/hotdog:
+          persist: true
+  train:
+    foreach: [finetune, scratch]
+    do:
+      cmd: "true"
+      outs:
+        - models/${item}:
+            persist: true
+"""
+
+
+def dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def cache_object(project: Path, md5: str) -> Path:
+    return project / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def spoil(path: Path) -> None:
+    path.chmod(0o644)  # DVC keeps its cache read-only
+    path.write_bytes(b"not what the hash says")
+
+
+def checked(project: Path) -> list:
+    """doctor's findings, in this process (the command's own output is checked once per case above)."""
+    return diagnose(params(project), project)
+
+
+def test_doctor_names_damaged_dvc_cache_objects_and_set_aside_checkpoints(project):
+    """A corrupted object of the data dir, then one whose workspace copy is gone too, then a
+    missing object of a model: each named with its repair, which is run and works. Doctor hashes
+    the objects itself: the corrupted one is still there after it ran (`dvc status` deletes it)."""
+    save_variant(project, "finetune", PERFECT, "d-ft")
+    save_variant(project, "scratch", OTHER, "d-sc")
+    (project / "dvc.yaml").write_text(DVC_YAML)
+    dvc(project, "init", "--no-scm", "-q")
+    dvc(project, "remote", "add", "-d", "store", str(project.parent / "remote"))
+    dvc(project, "commit", "--force", "-q")
+    dvc(project, "push", "-q")
+    assert checked(project) == []
+
+    image = project / "data" / "hotdog" / "test" / "hotdog" / "0001.jpg"
+    spoil(cache_object(project, md5_of(image)))
+    doctor = cli(project, "finetune", "doctor")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "the DVC cache of data/hotdog (stage fetch in dvc.lock) has 1 corrupted (" in doctor.stdout
+    assert "repair: dvc commit --force fetch (the workspace copy" in doctor.stdout
+    assert cache_object(project, md5_of(image)).read_bytes() == b"not what the hash says"  # named, not deleted
+    dvc(project, "commit", "--force", "fetch", "-q")
+    assert checked(project) == []
+
+    data = image.read_bytes()
+    spoil(cache_object(project, md5_of(image)))
+    image.unlink()  # the workspace copy gone as well: only the remote has it
+    (found,) = checked(project)
+    assert found.repair.startswith("dvc fetch fetch && dvc checkout fetch (from the remote 'store'"), found
+    dvc(project, "fetch", "fetch", "-q")
+    dvc(project, "checkout", "fetch", "-q")
+    assert image.read_bytes() == data and checked(project) == []
+
+    model = project / "models" / "scratch" / "model.pt"
+    cache_object(project, md5_of(model)).unlink()
+    (found,) = checked(project)
+    assert found.problem.startswith("the DVC cache of models/scratch (stage train@scratch in dvc.lock) has 1 missing (")
+    assert found.repair.startswith("dvc commit --force train@scratch"), found
+    dvc(project, "commit", "--force", "train@scratch", "-q")
+
+    # A checkpoint set aside inside the output by an older version: a note with the move out.
+    (project / "models" / "finetune" / "checkpoint.pt.corrupt-20261207T120000").write_bytes(b"x")
+    doctor = cli(project, "finetune", "doctor")
+    assert doctor.returncode == 0, doctor.stdout
+    assert ("repair: mkdir -p models/set-aside/finetune && mv models/finetune/checkpoint.pt.corrupt-20261207T120000 "
+            "models/set-aside/finetune/") in doctor.stdout

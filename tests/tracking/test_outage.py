@@ -166,3 +166,20 @@ def test_epochs_are_logged_once_however_often_they_are_offered(project):
     client = MlflowClient()
     for key in ("train_loss", "lr", "images_per_s"):  # one group ("all") is logged as `lr`
         assert steps(client, run.info.run_id, key) == [1, 2, 3]
+
+
+def test_a_run_continued_before_its_first_epoch_keeps_its_params_when_the_commit_moved(project):
+    """A stop before the first epoch leaves a run with its params and no checkpoint: the rerun
+    continues that run and logs its setup again, at a new git commit (`make demo` refreshes its
+    workspace) that MLflow would refuse as a changed param."""
+    params = load_params(project / "params.yaml")
+    cfg = params.train["finetune"]
+    settings = {"variant": "finetune", "train": cfg.model_dump(), "model": params.model.model_dump(mode="json"),
+                "classes": ["hotdog", "not-hotdog"], "weights": "none"}
+    use_store(project)
+    with mlflow.start_run() as run:
+        runs.log_setup(settings, cfg, "v1.dir", "commit-a", project, params, 8, 4)
+    with mlflow.start_run(run_id=run.info.run_id):
+        runs.log_setup(settings, cfg, "v1.dir", "commit-b", project, params, 8, 4)  # no MlflowException
+    logged = MlflowClient().get_run(run.info.run_id).data.params
+    assert logged["git_commit"] == "commit-a" and logged["variant"] == "finetune"

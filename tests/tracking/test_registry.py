@@ -187,6 +187,30 @@ def test_promote_and_rollback_commands(project):
     assert third.returncode == 1 and "no earlier production version" in third.stderr
 
 
+def test_concurrent_promotions_serialize(project):
+    """Three `promote --force` started together (issue 23: two both printed v1 -> v2 and the
+    history became ["1","2","2"]): one moves the alias, the others say unchanged, no duplicate."""
+    import subprocess
+    import sys
+
+    train_and_register(project, MISSES_TWO, MISSES_TWO, "k1")
+    assert promote(params(project), project).action == "promoted"
+    train_and_register(project, PERFECT, PERFECT, "k2")
+    processes = [subprocess.Popen([sys.executable, "-m", "finetune", "promote", "--force"], cwd=project,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err for _, err in outputs]
+    lines = sorted(out.splitlines()[0] for out, _ in outputs)
+    print("\n".join(lines))
+    name = params(project).register_.model_name
+    assert [line.split(";")[0] for line in lines] == [f"promoted: {name} production v1 -> v2"] + [
+        f"unchanged: {name} production v2 -> v2"] * 2
+    model = MlflowClient().get_registered_model(name)
+    assert json.loads(model.tags["production_history"]) == ["1", "2"] and aliases(project)[PRODUCTION] == "2"
+    assert [d["action"] for d in promotion_log(params(project), project)] == ["promoted", "promoted", "unchanged",
+                                                                               "unchanged"]
+
+
 def command(project, *args):
     import subprocess
     import sys

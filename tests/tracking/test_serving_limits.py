@@ -1,7 +1,8 @@
 """`python -m finetune serve` under hostile and long traffic, as real HTTP against a real server:
 a body over serve.max_request_mb is refused before it is read, an image whose header declares
-more than serve.max_pixels is refused before it is decoded, and the server's memory stays flat
-over 1,000 requests.
+more than serve.max_pixels is refused before it is decoded, stalled clients are cut off at
+serve.read_timeout_s, the server's memory stays flat over 1,000 requests, and a promotion is
+picked up (serve.refresh_s) while every request goes on being answered.
 
 The measurement alone, with its numbers printed:
     .venv/bin/python -m pytest tests/tracking/test_serving_limits.py -k memory -s -p no:cacheprovider
@@ -21,11 +22,13 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import free_port, jpeg, start_server, stop_server
 from images import encode, png_chunk, rgb_jpeg
-from models import MISSES_FAINT, params, project_with_data, save_variant
+from models import FAINT, MISSES_FAINT, PERFECT, coloured_jpeg, params, project_with_data, save_variant
 from PIL import Image
 from test_serving import post, records
 
@@ -39,6 +42,8 @@ MAX_REQUEST_MB = 1
 MAX_PIXELS = 25_000_000
 # Growth allowed after the warm-up: a leak of even 50 KB per request would be 50 MB over 1,000.
 RSS_GROWTH_LIMIT_MB = 50
+READ_TIMEOUT_S = 2  # serve.read_timeout_s here (default 30): stalled clients are cut off after it
+REFRESH_S = 1  # serve.refresh_s here (default 30): how often the server looks up @production
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,8 @@ def server(tmp_path_factory, mlflow_server):
     patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     project = project_with_data(root / "p", {"hotdog": 6, "not-hotdog": 6}, coloured=True,
                                 **{"register.model_name": "limited-classifier", "serve.max_image_mb": 0.5,
-                                   "serve.max_request_mb": MAX_REQUEST_MB, "serve.max_pixels": MAX_PIXELS})
+                                   "serve.max_request_mb": MAX_REQUEST_MB, "serve.max_pixels": MAX_PIXELS,
+                                   "serve.read_timeout_s": READ_TIMEOUT_S, "serve.refresh_s": REFRESH_S})
     # The colour network learned: 11 of the 12 coloured test images right, above chance (p = 0.003).
     save_variant(project, "finetune", MISSES_FAINT, "limits-ft")
     save_variant(project, "scratch", 1, "limits-sc")
@@ -209,3 +215,92 @@ def test_memory_stays_flat_over_1000_requests(server):
           f"{after:.0f} MB (growth {after - before:+.1f} MB; limit {RSS_GROWTH_LIMIT_MB} MB); small 200s: "
           f"p50 {p50 * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms over {len(latencies)} requests")
     assert after - before < RSS_GROWTH_LIMIT_MB
+
+
+def stalled_socket(base: str, data: bytes) -> socket.socket:
+    """A connection that sends ``data`` (part of a request) and then nothing more."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=READ_TIMEOUT_S + 30)
+    sock.sendall(data)
+    return sock
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_stalled_clients_are_cut_off_at_the_read_deadline(server):
+    """Issue 23: 300 connections that sent one body byte each were held for 70 s. Here 50 send
+    a head and one byte of a 1,000-byte body, and 10 half a head: the first get 408, the others
+    are closed, all within serve.read_timeout_s (plus scheduling), and a normal request sent
+    while they stall is answered at once."""
+    base, _, _ = server
+    body_head = (b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    start = time.perf_counter()
+    stalled = [stalled_socket(base, body_head) for _ in range(50)]
+    half_heads = [stalled_socket(base, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-") for _ in range(10)]
+    status, answer = post(f"{base}/invocations", records(jpeg((200, 40, 30))))
+    answered = time.perf_counter() - start
+    assert status == 200, answer
+    answers = [until_closed(sock) for sock in stalled]
+    heads = [until_closed(sock) for sock in half_heads]
+    released = time.perf_counter() - start
+    print(f"\n50 stalled bodies and 10 stalled heads: a normal request answered after {answered:.2f} s; "
+          f"all 60 released after {released:.2f} s (serve.read_timeout_s {READ_TIMEOUT_S})")
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b"serve.read_timeout_s" in a for a in answers), answers[0]
+    assert heads == [b""] * 10  # closed: no request arrived to answer
+    assert READ_TIMEOUT_S <= released < READ_TIMEOUT_S + 8
+
+
+def post_named(url: str, body: bytes) -> tuple[int, dict, str | None]:
+    """post(), with the version that answered (header X-Model-Version)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), response.headers.get("X-Model-Version")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}"), err.headers.get("X-Model-Version")
+
+
+def test_a_promotion_is_served_within_refresh_s_and_no_request_waits(server):
+    """Last in the module (it moves production): while a client posts without pause, a better
+    version is promoted; the server swaps it in within serve.refresh_s plus its loading time, and
+    every request before, during and after is answered 200."""
+    base, _, log = server
+    project, url = log.parent / "p", f"{base}/invocations"
+    faint = records(coloured_jpeg(FAINT, 0))  # v1 (MISSES_FAINT) calls it not-hotdog; v2 (PERFECT) hotdog
+    status, answer, version = post_named(url, faint)
+    assert (status, version, answer["predictions"][0]["class"]) == (200, "1", "not-hotdog")
+    seen, stop = [], threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            seen.append(post_named(url, faint)[::2] + (time.perf_counter(),))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        save_variant(project, "finetune", PERFECT, "follow-ft")
+        save_variant(project, "scratch", 1, "follow-sc")
+        run_evaluate(params(project), EvalPaths(project / "models", project / "plots"), project)
+        register_candidate(params(project), project / "models", project)
+        assert promote(params(project), project).action == "promoted"
+        promoted = time.perf_counter()
+        while not any(v == "2" for _, v, _ in seen[-5:]) and time.perf_counter() - promoted < 120:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    first = next(t for _, v, t in seen if v == "2")
+    print(f"\n{len(seen)} requests during the promotion, statuses {sorted({s for s, _, _ in seen})}; "
+          f"version 2 answered {first - promoted:.1f} s after the promotion (serve.refresh_s {REFRESH_S})")
+    assert all(s == 200 for s, _, _ in seen) and [v for _, v, _ in seen] == sorted(v for _, v, _ in seen)
+    status, answer, version = post_named(url, faint)
+    assert (status, version, answer["predictions"][0]["class"]) == (200, "2", "hotdog")
+    assert "moved from version 1 to 2" in log.read_text()

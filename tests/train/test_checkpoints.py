@@ -35,7 +35,8 @@ def test_a_truncated_checkpoint_is_set_aside_and_training_starts_again(project, 
 
     with caplog.at_level(logging.WARNING, logger="finetune.train.checkpoints"):
         assert load_checkpoint(folder, "t") is None
-    (aside,) = folder.glob(f"{CHECKPOINT}.corrupt-*")
+    assert not list(folder.glob(f"{CHECKPOINT}.corrupt-*"))  # not inside the DVC output models/t
+    (aside,) = (project / "models" / "set-aside" / "t").glob(f"{CHECKPOINT}.corrupt-*")
     assert not path.exists() and aside.read_bytes() == data[: len(data) // 2]
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert str(path) in record.getMessage() and str(aside) in record.getMessage()
@@ -47,9 +48,13 @@ def test_a_truncated_checkpoint_is_set_aside_and_training_starts_again(project, 
 
 
 def test_a_file_that_is_no_checkpoint_is_set_aside_too(tmp_path):
-    (tmp_path / CHECKPOINT).write_bytes(b"")  # an empty file: torch's EOFError
-    assert load_checkpoint(tmp_path, "t") is None
-    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [f"{CHECKPOINT}.corrupt"]
+    folder = tmp_path / "models" / "v"
+    folder.mkdir(parents=True)
+    (folder / CHECKPOINT).write_bytes(b"")  # an empty file: torch's EOFError
+    assert load_checkpoint(folder, "t") is None
+    assert list(folder.iterdir()) == []
+    aside = tmp_path / "models" / "set-aside" / "v"
+    assert [p.name.split("-")[0] for p in aside.iterdir()] == [f"{CHECKPOINT}.corrupt"]
 
 
 @contextmanager

@@ -145,3 +145,46 @@ def test_kill_9_of_dvc_repro_ends_the_training_and_a_rerun_resumes_the_same_run(
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "train@finetune"], cwd=workspace,
                             env=env, capture_output=True, text=True)
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout + status.stderr
+
+
+ORPHAN = "import subprocess, sys; print(subprocess.Popen(sys.argv[1:]).pid, flush=True)"
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_stage_whose_dvc_ended_before_it_started_ends_at_once(tmp_path, shell):
+    """DVC killed before its stage's Python even ran: the stage finds only init above DVC's
+    `sh -c` (DVC_STAGE says DVC started it), and exits in one line before importing torch."""
+    if not Path(shell).exists():
+        pytest.skip(f"no {shell}")
+    log = tmp_path / "stage.log"
+    stage = f"sleep 1; exec {sys.executable} -m finetune.stages.train finetune --out m --metrics m.json --plots p.csv"
+    env = stage_env() | {"DVC_STAGE": "train@finetune"}
+    with log.open("w") as out:
+        starter = subprocess.run([sys.executable, "-c", ORPHAN, shell, "-c", f"{stage} > {log} 2>&1"], cwd=tmp_path,
+                                 env=env, stdout=subprocess.PIPE, text=True, check=True)
+    wrapper = int(starter.stdout)  # its starter has ended already: the wrapper now belongs to init
+    assert gone(wrapper, within=30), log.read_text()
+    assert log.read_text().strip() == ("error: stage train@finetune not started: the process that started it (dvc "
+                                       "repro) has already ended; nothing was done. Rerun `dvc repro` (or the flow).")
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_kill_9_of_dvc_repro_during_the_trainers_imports_leaves_no_trainer(tmp_path, shell):
+    workspace = dvc_workspace(tmp_path, epochs=1)
+    env = stage_env() | {"SHELL": shell}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "train@finetune"], cwd=workspace,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = None
+    deadline = time.monotonic() + 60
+    while trainer is None and time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", "finetune.stages.train finetune"], capture_output=True, text=True)
+        trainer = next((int(pid) for pid in found.stdout.split()
+                        if Path(f"/proc/{pid}/comm").exists() and "python" in Path(f"/proc/{pid}/comm").read_text()),
+                       None)
+        time.sleep(0.02)
+    assert trainer is not None, "the trainer never started"
+    os.kill(dvc.pid, signal.SIGKILL)  # while it imports torch and MLflow (seconds)
+    dvc.wait()
+    assert gone(trainer, within=5), f"the trainer (pid {trainer}) outlived the killed dvc repro"
+    assert not (workspace / "models" / "finetune" / "model.pt").exists()
