@@ -37,7 +37,6 @@ from finetune.evaluate.metrics import (
     validation_uncertainty,
     winner,
 )
-from finetune.evaluate import study
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
 from finetune.tracking.card import model_card, with_judgment
@@ -540,11 +539,7 @@ def record(client: MlflowClient, params: Params, project: Path, decision: Decisi
         for key, value in {"promotion.decision": decision.action, "promotion.reason": decision.reason,
                            "promotion.time": stamp}.items():
             client.set_model_version_tag(name, decision.candidate, key, value)
-        judged = client.get_model_version(name, decision.candidate)
-        before, after = (f"v{v}" if v else "none" for v in (decision.production_before, decision.production_after))
-        words = f"{decision.action} {stamp}: production {before} → {after}: {decision.reason}"
-        client.update_model_version(name, decision.candidate, description=with_judgment(
-            judged.description or "", words, study_verdict(params, project)))
+        judge_card(client, params, project, decision)
     before = decision.production_before
     if before and before != decision.candidate:
         outcome = {"promoted": f"replaced by v{decision.candidate}", "refused": f"kept against v{decision.candidate}",
@@ -553,13 +548,26 @@ def record(client: MlflowClient, params: Params, project: Path, decision: Decisi
     append_log(client, params, project, decision)
 
 
+def judge_card(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:
+    """The decision (and the study's verdict) as the last lines of the candidate's model card. The
+    decision is made and recorded in tags already: a card that cannot be written costs a warning."""
+    name = decision.model_name
+    before, after = (f"v{v}" if v else "none" for v in (decision.production_before, decision.production_after))
+    words = f"{decision.action} {decision.time}: production {before} → {after}: {decision.reason}"
+    try:
+        judged = client.get_model_version(name, decision.candidate)
+        client.update_model_version(name, decision.candidate, description=with_judgment(
+            judged.description or "", words, study_verdict(params, project)))
+    except (MlflowException, OSError, ValueError) as err:
+        log.warning("the model card of %s v%s misses the decision: %s", name, decision.candidate, err)
+
+
 def study_verdict(params: Params, project: Path) -> str | None:
-    """The study's verdict (reports/study.md's first sentence) when a study ran, else None."""
-    path = project / params.study.metrics
-    if not params.study.enabled or not path.exists():
+    """The study's verdict (the study-report stage's summary) when a study ran, else None."""
+    summary = project / params.study.plots / "summary.json"
+    if not params.study.enabled or not summary.exists():
         return None
-    document = json.loads(path.read_text())
-    return study.verdict(document) if document.get("enabled") else None
+    return json.loads(summary.read_text()).get("verdict")
 
 
 def append_log(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:

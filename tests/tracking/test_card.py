@@ -35,7 +35,9 @@ def test_no_study_line_unless_a_study_ran(tmp_path):
     assert not params.study.enabled and study_verdict(params, tmp_path) is None
     write_params(REPO / "params.yaml", tmp_path / "params.yaml", {"study.enabled": True})
     enabled = load_params(tmp_path / "params.yaml")
-    assert study_verdict(enabled, tmp_path) is None  # no study metrics yet
-    (tmp_path / enabled.study.metrics).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / enabled.study.metrics).write_text('{"enabled": false}')
-    assert study_verdict(enabled, tmp_path) is None  # the disabled study's note
+    assert study_verdict(enabled, tmp_path) is None  # no study ran yet
+    summary = tmp_path / enabled.study.plots / "summary.json"  # what the study-report stage writes
+    summary.parent.mkdir(parents=True)
+    summary.write_text('{"verdict": "fine-tuning wins at every size.", "rows": []}')
+    assert study_verdict(enabled, tmp_path) == "fine-tuning wins at every size."
+    assert study_verdict(params, tmp_path) is None  # study.enabled: false, whatever a past run left
