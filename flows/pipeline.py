@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinetuneError as err:
         print(f"pipeline failed before its first stage: {err}", file=sys.stderr)
         return 1
-    stop_on_signals()
+    stop_on_signals(message=STOPPED)
     try:
         flow_s = load_params(Path(args.workspace) / "params.yaml").timeouts.flow_s
         _, decision, links = pipeline.with_options(timeout_seconds=flow_s)(args.workspace)

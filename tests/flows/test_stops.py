@@ -208,3 +208,30 @@ def test_a_killed_flow_run_is_announced_and_a_stopped_worker_stops_its_runs(tmp_
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
+
+
+HANGS = """
+import subprocess, sys, time
+from flows.proctree import stop_on_signals
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+stop_on_signals(exit_after_s=1.0, message="stopped by the deadline")
+while True:  # an unwinding that never ends: every KeyboardInterrupt swallowed
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        pass
+"""
+
+
+def test_a_stop_that_cannot_unwind_still_ends_within_its_deadline(tmp_path):
+    """The safety net under the KeyboardInterrupt: the process and everything below it end."""
+    process = subprocess.Popen([sys.executable, "-c", HANGS], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    child = psutil.Process(int(process.stdout.readline()))
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and time.monotonic() - sent < 10, err
+    assert err.strip() == "stopped by the deadline"
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
