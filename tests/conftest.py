@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import re
@@ -308,3 +309,25 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     process = start_server(command, f"http://127.0.0.1:{port}/health", root / "server.log")
     yield f"http://127.0.0.1:{port}"
     stop_server(process)
+
+
+@pytest.fixture
+def json_receiver() -> Iterator[tuple[str, list[dict]]]:
+    """A real HTTP server on 127.0.0.1 that records JSON POSTs (each with its ``path``), answering
+    200, or 500 at /broken: its ``127.0.0.1:<port>`` and the bodies received."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append({"path": self.path, **body})
+            self.send_response(500 if self.path == "/broken" else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()

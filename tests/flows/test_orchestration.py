@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import REPO
@@ -24,24 +23,10 @@ from tasks.report import pipeline_markdown
 
 
 @pytest.fixture
-def webhook():
-    """A real HTTP server on 127.0.0.1 that records JSON POSTs (status 200, or 500 at /broken)."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"path": self.path, **body})
-            self.send_response(500 if self.path == "/broken" else 200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
+def webhook(json_receiver):
+    """conftest's JSON receiver, as an http:// address."""
+    address, received = json_receiver
+    return f"http://{address}", received
 
 
 @pytest.mark.parametrize(("event", "events", "delivered"), [("promotion", ("promotion",), True),

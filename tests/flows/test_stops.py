@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -36,23 +34,10 @@ time.sleep(300)
 
 
 @pytest.fixture
-def receiver():
-    """A real HTTP server on 127.0.0.1 that records JSON POSTs: its json:// URL and the bodies."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"json://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
+def receiver(json_receiver):
+    """conftest's JSON receiver, as apprise's json:// URL."""
+    address, received = json_receiver
+    return f"json://{address}/hook", received
 
 
 def workspace(root: Path, url: str, mode: str, limit_s: float) -> Path:
