@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +54,15 @@ def rss_mb(pid: int) -> float:
 def start(ws: Path, port: int, model: str | None, log: Path) -> subprocess.Popen:
     """`python -m finetune serve` in ``ws``, once it answers /ping (its output in ``log``)."""
     from finetune.demo.workspace import stage_env
+    from finetune.ports import wait_until_answers
 
     command = [sys.executable, "-m", "finetune", "serve", "--port", str(port), *(["--model", model] if model else [])]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=ws, stdout=out, stderr=subprocess.STDOUT, env=stage_env())
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"bench: the server did not start in {ws}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
-                return process
-        except OSError:
-            time.sleep(0.5)
-    process.terminate()
-    sys.exit(f"bench: the server did not answer /ping within 300 s:\n{log.read_text()[-3000:]}")
+    why = wait_until_answers(process, f"http://127.0.0.1:{port}/ping", 300)
+    if why:
+        sys.exit(f"bench: the server in {ws} {why}:\n{log.read_text()[-3000:]}")
+    return process
 
 
 def client(port: int, body: bytes, count: int, latencies: list, statuses: dict) -> None:

@@ -11,7 +11,10 @@ URL pointing at whatever holds the port).
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +51,22 @@ def check_free(name: str, port: int) -> int:
                        f"port for this command (make ... {variable}={port + 1}) or ports.{name} in params.yaml, "
                        "or stop what listens there.")
     return port
+
+
+def wait_until_answers(process: subprocess.Popen, url: str, timeout_s: float) -> str | None:
+    """None once ``url`` answers (the server ``process`` started is up); else why not, in words:
+    it exited, or it did not answer within ``timeout_s`` (then it is terminated)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited ({process.returncode})"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return None
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    return f"did not answer within {timeout_s:.0f} s"
 
 
 def main(argv: Sequence[str]) -> int:

@@ -13,13 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.ports import check_free, configured
+from finetune.ports import check_free, configured, wait_until_answers
 from flows.proctree import stop_on_signals
 
 
@@ -33,17 +31,10 @@ def start_server(home: Path, port: int, timeout: float = 180) -> subprocess.Pope
     log = (home / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"prefect server exited ({server.returncode}); see {home / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise SystemExit(f"prefect server did not answer within {timeout:.0f} s; see {home / 'server.log'}")
+    why = wait_until_answers(server, f"http://127.0.0.1:{port}/api/health", timeout)
+    if why:
+        raise SystemExit(f"prefect server {why}; see {home / 'server.log'}")
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

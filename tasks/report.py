@@ -14,7 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from finetune.config import Params, load_params
 from finetune.evaluate.metrics import uncertainty_words
-from finetune.evaluate.report import comparison_lines, verdict_line
+from finetune.evaluate.report import comparison_lines, study_verdict, verdict_line
 
 ARTIFACT_KEY = "finetune-pipeline-report"
 LINKS = {"runs": "MLflow: this pipeline run's variants", "model": "MLflow: the registered version (its model card)"}
@@ -28,9 +28,9 @@ def pipeline_markdown(params: Params, workspace: Path, decision: dict | None, st
         lines += comparison_lines(json.loads(metrics_file.read_text()))
     for line in outcome_lines(params, workspace, decision):
         lines += ["", line]
-    summary = workspace / params.study.plots / "summary.json"
-    if params.study.enabled and summary.exists():
-        lines += ["", f"**Study** ({params.study.report}): {json.loads(summary.read_text())['verdict']}"]
+    study = study_verdict(params, workspace)
+    if study:
+        lines += ["", f"**Study** ({params.study.report}): {study}"]
     lines += ["", "| stage | DVC | seconds |", "|---|---|---|"]
     lines += [f"| {s.stage} | {'skipped' if s.skipped else 'ran'} | {s.seconds:.1f} |" for s in stages]
     return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ Prefect artifact. Everything is read from the evaluate stage's metrics document 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -159,3 +160,12 @@ def confusion_table(classes: list[str], matrix: list[list[int]]) -> list[str]:
     rows = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     rows += [f"| {name} | " + " | ".join(str(c) for c in row) + " |" for name, row in zip(classes, matrix, strict=True)]
     return rows
+
+
+def study_verdict(params, project: Path) -> str | None:
+    """The study's verdict (the study-report stage's ``<study.plots>/summary.json``) when
+    ``params`` enable the study and it ran, else None."""
+    summary = project / params.study.plots / "summary.json"
+    if not params.study.enabled or not summary.exists():
+        return None
+    return json.loads(summary.read_text()).get("verdict")

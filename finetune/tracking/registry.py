@@ -37,6 +37,7 @@ from finetune.evaluate.metrics import (
     validation_uncertainty,
     winner,
 )
+from finetune.evaluate.report import study_verdict
 from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
 from finetune.tracking.card import model_card, with_judgment
@@ -560,14 +561,6 @@ def judge_card(client: MlflowClient, params: Params, project: Path, decision: De
             judged.description or "", words, study_verdict(params, project)))
     except (MlflowException, OSError, ValueError) as err:
         log.warning("the model card of %s v%s misses the decision: %s", name, decision.candidate, err)
-
-
-def study_verdict(params: Params, project: Path) -> str | None:
-    """The study's verdict (the study-report stage's summary) when a study ran, else None."""
-    summary = project / params.study.plots / "summary.json"
-    if not params.study.enabled or not summary.exists():
-        return None
-    return json.loads(summary.read_text()).get("verdict")
 
 
 def append_log(client: MlflowClient, params: Params, project: Path, decision: Decision) -> None:

@@ -8,7 +8,7 @@ from conftest import REPO
 from finetune.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.tracking.card import changed_settings, with_judgment
-from finetune.tracking.registry import study_verdict
+from finetune.evaluate.report import study_verdict
 
 CARD = "**finetune** from run `abc` · data `h.dir` (DVC hash of data/hotdog) · commit `c0ffee`\n\nChosen: because."
 
