@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import psutil
 
 DEFAULT_GRACE_S = 15.0  # for callers without params (timeouts.grace_s is the pipeline's)
+# The shells DVC may run a stage's command with (``$SHELL -c``, ``/bin/sh`` when unset).
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,27 @@ def send(processes: list[psutil.Process], sig: signal.Signals) -> None:
             pass
 
 
+def is_shell_wrapper(process: psutil.Process) -> bool:
+    """Whether ``process`` is a ``sh -c <command>`` that only waits for its command (dash does
+    not replace itself by the command as bash does)."""
+    try:
+        return process.name() in SHELLS and "-c" in process.cmdline()[1:]
+    except psutil.Error:
+        return False
+
+
 def stop_tree(process: subprocess.Popen, grace_s: float) -> None:
     """Stop ``process`` (a `dvc repro`) and everything below it, and wait until it has ended.
 
     First SIGTERM to what runs below it, not to DVC itself: DVC sees its command fail and ends on
     its own, releasing its locks; a command that had already finished (a completed training) is
-    committed to dvc.lock, as DVC does not notice anything. After ``grace_s``, or at once if this
-    is interrupted too (a second Ctrl-C), SIGKILL to all that is left."""
+    committed to dvc.lock, as DVC does not notice anything. Not to a ``sh -c`` wrapper either:
+    it would die of it at once and fail a command that finishes cleanly on its SIGTERM; it ends
+    with its command, passing on its status. After ``grace_s``, or at once if this is
+    interrupted too (a second Ctrl-C), SIGKILL to all that is left."""
     tree = below(process.pid)
     try:
-        send(tree, signal.SIGTERM)
+        send([p for p in tree if not is_shell_wrapper(p)], signal.SIGTERM)
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:

@@ -56,6 +56,9 @@ def workspace(root: Path, url: str, mode: str, limit_s: float) -> Path:
 def start_flow(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, list[psutil.Process]]:
     """`python -m flows.pipeline` in ``root``, once its stage runs: the flow, the stage's pid and
     every process below the flow (Prefect's ephemeral server, DVC, the stage)."""
+    # /bin/sh as DVC's shell (as where SHELL is unset, e.g. CI): dash stays between DVC and the
+    # stage as `sh -c`, which a stop must not kill before the stage has finished.
+    env = env | {"SHELL": "/bin/sh"}
     flow = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=root, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -113,7 +116,8 @@ def test_a_signal_stops_the_flow_cleanly_and_keeps_a_finished_stage(tmp_path, pr
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True,
                             text=True)
     if mode == "finish":  # the stage completed: DVC recorded it, and a rerun has nothing to do
-        assert "out.txt" in (root / "dvc.lock").read_text() and json.loads(status.stdout) == {}
+        lock = root / "dvc.lock"
+        assert lock.exists() and "out.txt" in lock.read_text() and json.loads(status.stdout) == {}, output
     else:
         assert not (root / "dvc.lock").exists() and "slow" in json.loads(status.stdout)
 
