@@ -14,7 +14,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# PIP_CONSTRAINT: constraints.txt is the whole tested set; a machine-wide pip constraint
+	# (some build machines cap torch at the release they keep on disk) would refuse it.
+	PIP_CONSTRAINT=/dev/null $(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 # The whole pipeline, through the Prefect flow, on the real hot-dog data (downloads it once).
@@ -26,24 +28,30 @@ run: $(STAMP)
 # commits what it wrote (dvc.lock, metrics, reports) and tags it demo-run-<n> (docs/demo.md).
 demo: $(STAMP)
 	$(PY) -m finetune demo-setup
-	$(PY) -m flows.pipeline --tag demo-run --workspace $$($(PY) -c 'from finetune.config import load_params; print(load_params().demo.workspace)')
+	$(PY) -m flows.pipeline --tag demo-run --workspace $$($(PY) -c 'from finetune.core.config import load_params; print(load_params().demo.workspace)')
 
-# "When does fine-tuning win?": the study stages (study@<seed>, study-report) with study.enabled
+# "When does fine-tuning win?": the study stages (study@<seed>, study_report) with study.enabled
 # set to true for this run (a DVC experiment: `dvc exp show` lists it); the answer is in
 # reports/study.md and metrics/study.json. WORKSPACE=demo for the demo's data.
 study: $(STAMP)
-	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc exp run --set-param study.enabled=true study-report
+	cd $(WORKSPACE) && $(CURDIR)/$(VENV)/bin/dvc exp run --set-param study.enabled=true study_report
 
 # The suite on TEST_WORKERS processes (pytest-xdist; a test file stays in one process, so its
 # module fixtures are shared), without the shared stack's integration tests (marker `stack`,
-# minutes of servers): `make test-stack` runs those, `make test-all` everything. pytest's exit
-# status 5 (no tests collected) fails like any other non-zero status.
+# minutes of servers): `make test-stack` runs those, `make test-all` everything, `make test-quick`
+# the quick pass (neither `slow` nor `stack`: no servers, pipelines, DDP or training runs). Each
+# ends with the 25 slowest tests (--durations). pytest's exit status 5 (no tests collected)
+# fails like any other non-zero status.
 TEST_WORKERS ?= 2
 TEST_MARKS ?= not stack
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_MARKS)"; status=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_MARKS)" --durations=25; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected; that is a failure" >&2; fi; \
 	exit $$status
+
+.PHONY: test-quick
+test-quick: TEST_MARKS = not slow and not stack
+test-quick: test
 
 test-stack: TEST_MARKS = stack
 test-stack: test
@@ -133,8 +141,8 @@ scheduler: $(STAMP)
 deploy: $(STAMP)
 	$(VENV)/bin/prefect work-pool inspect finetune-process >/dev/null 2>&1 || $(VENV)/bin/prefect work-pool create finetune-process --type process
 	FINETUNE_PROJECT=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --name scheduled-retrain \
-	  --cron "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.cron)')" \
-	  --timezone "$$($(PY) -c 'from finetune.config import load_params; print(load_params().retrain.timezone)')"
+	  --cron "$$($(PY) -c 'from finetune.core.config import load_params; print(load_params().retrain.cron)')" \
+	  --timezone "$$($(PY) -c 'from finetune.core.config import load_params; print(load_params().retrain.timezone)')"
 
 # The shared stack on this machine (docs/team.md): PostgreSQL, an S3 object store, `mlflow server`,
 # `prefect server` and a Prefect worker on the pool finetune-process, on 127.0.0.1 with their state

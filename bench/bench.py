@@ -62,8 +62,10 @@ from torch.utils.data import DataLoader
 
 # Only the trainer is imported here: --no-pipeline must run without pydantic, MLflow, DVC and
 # Prefect, so the pipeline's modules are imported inside the functions that use them.
-from finetune.data.images import eval_transform, load_splits, train_transform
-from finetune.model.factory import build_model, weights_path
+from finetune.data.images import load_splits
+from finetune.data.portable import eval_transform
+from finetune.model.factory import build_model, head_of, weights_path
+from finetune.train.augment import train_transform
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit
 from finetune.train.recipe import replaced
@@ -86,8 +88,8 @@ def settings(ws: Path, epochs: int, crop: int, resize: int, device: str, strateg
              cache: Path | None = None, batch_size: int | None = None):
     """The workspace's data and weights; the project's own train.finetune defaults (the recipe:
     batch 128, its learning rates), not the demo's laptop-sized ones; the bench's image sizes,
-    epochs and device. Validated by finetune.config (pydantic)."""
-    from finetune.config import load_params
+    epochs and device. Validated by finetune.core.config (pydantic)."""
+    from finetune.core.config import load_params
 
     params = load_params(ws / "params.yaml")
     model = params.model.model_copy(update={"train_crop": crop, "test_resize": resize, "test_crop": crop})
@@ -140,9 +142,10 @@ def plain_recipe(params, ws: Path) -> dict:
     train_iter = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=4)
     test_iter = DataLoader(test_ds, batch_size=cfg.batch_size, num_workers=4)
     net = build_model(m.arch, weights_path(params.model.weights, ws), len(classes)).to(device)
-    head = {id(p) for p in net.fc.parameters()}
+    output = head_of(net)  # the new output layer, wherever model.arch keeps it
+    head = {id(p) for p in output.parameters()}
     body = [p for p in net.parameters() if id(p) not in head]
-    trainer = torch.optim.SGD([{"params": body}, {"params": net.fc.parameters(), "lr": cfg.lr * cfg.head_lr_mult}],
+    trainer = torch.optim.SGD([{"params": body}, {"params": output.parameters(), "lr": cfg.lr * cfg.head_lr_mult}],
                               lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss = nn.CrossEntropyLoss(reduction=cfg.loss)
     train_s, seen = 0.0, 0
@@ -299,7 +302,7 @@ def stage_overhead(ws: Path, variant: str, repeats: int = 3) -> dict:
 
 def demo_workspace() -> Path:
     """The demo's workspace folder (params.yaml's demo.workspace)."""
-    from finetune.config import load_params
+    from finetune.core.config import load_params
 
     return REPO / load_params(REPO / "params.yaml").demo.workspace
 

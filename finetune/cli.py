@@ -1,7 +1,7 @@
 """`python -m finetune <command>`: the project's commands in one place.
 
-The DVC stages (fetch, validate, pretrain, search, train, evaluate, register, study) are the modules of
-finetune/stages/ (`python -m finetune train ...` is `python -m finetune.stages.train ...`); the
+The DVC stages of dvc.yaml are the modules of finetune/stages/, named like them (`python -m
+finetune train ...` is `python -m finetune.stages.train ...`; `dvc stage list` lists them); the
 tools below work on the registry, the served model and the demo. Each reads params.yaml, calls
 one library function and prints its result; errors the user can act on are printed as one
 paragraph (no traceback) with exit code 1.
@@ -13,26 +13,51 @@ import argparse
 import dataclasses
 import importlib
 import json
+import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import execute, parser
-from finetune.config import Params
+import yaml
+
+from finetune.core.command import execute, parser
+from finetune.core.config import Params
 from finetune.ports import check_free
 
-# Stages and tools import torch and MLflow: each is imported only when it runs (function-level
-# imports below), so that `python -m finetune promote` does not load every stage.
-STAGES = {
-    "fetch": "download, verify and extract data.url into data.dir",
-    "validate": "index data.dir and check it with the Great Expectations suites",
-    "pretrain": "train the source model on pretrain.data (a note when it is null)",
-    "search": "choose one variant's lr on validation within search.budget trainings",
-    "train": "train one variant of train: (e.g. finetune, scratch) with the lr its search chose",
-    "evaluate": "score every variant on the test split; compare challenger and baseline",
-    "register": "register the variant that validates best, of those above chance, as a new version (candidate)",
-    "study": "one seed of the study: both compared variants on every study fraction (study.enabled)",
-    "study-report": "the study's learning curve, tables and verdict over every seed",
-}
+# The project's pipeline, where the stages' one-line summaries are (`desc:`): this checkout's, else
+# the current folder's (an installed package has none of its own).
+PIPELINE_FILES = (Path(__file__).resolve().parents[1] / "dvc.yaml", Path("dvc.yaml"))
+
+
+def stage_names() -> list[str]:
+    """The DVC stages: the modules of finetune/stages (each named like its stage), found without
+    importing them (they import torch and MLflow: each is imported only when it runs)."""
+    from finetune import stages
+
+    return sorted(module.name for module in pkgutil.iter_modules(stages.__path__))
+
+
+def pipeline_stages(path: Path) -> dict[str, str]:
+    """The stages of dvc.yaml ``path`` in its order, each with its ``desc`` ("" without one; {}
+    when the file cannot be read as a pipeline: a summary is not worth failing a command for)."""
+    try:
+        defined = yaml.safe_load(path.read_text(encoding="utf-8"))["stages"]
+        return {str(name): str(stage.get("desc") or (stage.get("do") or {}).get("desc") or "")
+                for name, stage in defined.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def stage_summaries() -> dict[str, str]:
+    """Each DVC stage and its one-line summary (dvc.yaml's ``desc``), in pipeline order where
+    dvc.yaml is found, else by name."""
+    found = next((path for path in PIPELINE_FILES if path.is_file()), None)
+    described = pipeline_stages(found) if found else {}
+    order = list(described)
+    names = sorted(stage_names(), key=lambda name: order.index(name) if name in order else len(order))
+    return {name: described.get(name, "") for name in names}
+
+
+STAGES = stage_summaries()
 
 
 def cmd_promote(params: Params, args: argparse.Namespace) -> None:
@@ -127,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     result = parser("python -m finetune", __doc__)
     sub = result.add_subparsers(dest="command", required=True)
     for name, summary in STAGES.items():  # their arguments (and --help) go to the stage's own parser
-        sub.add_parser(name, help=f"DVC stage: {summary}", add_help=False)
+        sub.add_parser(name, help=f"DVC stage: {summary or f'python -m finetune.stages.{name}'}", add_help=False)
     sample = sub.add_parser("sample", help=cmd_sample.__doc__)
     sample.add_argument("--out", type=Path, required=True, help="zip file to write")
     sample.add_argument("--classes", type=int, help="number of classes (default: demo.num_classes)")
@@ -171,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     umbrella = build_parser()
     args, rest = umbrella.parse_known_args(argv)
     if args.command in STAGES:
-        stage = importlib.import_module(f"finetune.stages.{args.command.replace('-', '_')}")
+        stage = importlib.import_module(f"finetune.stages.{args.command}")
         return stage.main(["--params", str(args.params), *rest])
     if rest:
         umbrella.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
 # The make variable that overrides each ports.<name> (Makefile).
 VARIABLES = {"ui": "UI_PORT", "serve": "SERVE_PORT", "prefect": "PREFECT_PORT", "s3": "S3_PORT",
@@ -38,7 +38,7 @@ def busy(port: int, host: str = "127.0.0.1") -> bool:
 
 def configured(name: str, params_file: Path = Path("params.yaml")) -> int:
     """``ports.<name>`` of ``params_file``."""
-    from finetune.config import load_params  # noqa: PLC0415 (pydantic: only when no port is given)
+    from finetune.core.config import load_params  # noqa: PLC0415 (pydantic: only when no port is given)
 
     return int(getattr(load_params(params_file).ports, name))
 

@@ -8,7 +8,7 @@ import logging
 
 import apprise
 
-from finetune.config import NotifyConfig
+from finetune.core.config import NotifyConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from finetune.config import TimeoutsConfig, load_params
-from finetune.data.download import check_resolves
-from finetune.data.fetch import needs_download
-from finetune.errors import FinetuneError
+from finetune.core.config import TimeoutsConfig, load_params
+from finetune.core.env import PIPELINE_START
+from finetune.core.errors import FinetuneError
+from finetune.ingest.download import check_resolves
+from finetune.ingest.fetch import needs_download
 from flows.lock import workspace_lock
 from flows.notify import notify
 from flows.plan import stage_order, stale_stages
@@ -30,9 +31,6 @@ from tasks.dvc import StageFailed, StageRun, StageTimeout, fetch_stage, run_stag
 from tasks.registry import nothing_registered, promotion_gate
 from tasks.report import close_pipeline_run, closing_lines, look_links, publish_report
 
-# When the pipeline started, for the stages' MLflow parent run (finetune/tracking/store.py
-# START_ENV: the same name; importing MLflow here to read it would cost seconds at every start).
-PIPELINE_START_ENV = "FINETUNE_PIPELINE_START"
 TRAIN_STAGE = ("search@", "train@")  # the stages that make (or continue) the pipeline's parent run
 
 
@@ -44,7 +42,7 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
     logger = get_run_logger()
     runs: list[StageRun] = []
     attempted: list[str] = []
-    os.environ[PIPELINE_START_ENV] = str(int(time.time() * 1000))  # every stage's environment copies it
+    os.environ[PIPELINE_START] = str(int(time.time() * 1000))  # every stage's environment copies it
     timeouts = load_params(root / "params.yaml").timeouts
     try:
         run_stages(root, refresh, runs, attempted, Budget(timeouts, time.monotonic() + timeouts.flow_s))
@@ -53,7 +51,7 @@ def run_pipeline(root: Path, refresh: bool = False) -> tuple[list[StageRun], dic
             close_pipeline_run(root, None, failed=True)
         raise
     finally:
-        os.environ.pop(PIPELINE_START_ENV, None)
+        os.environ.pop(PIPELINE_START, None)
     for run in runs:
         logger.info("%-20s %s in %.1f s", run.stage, "skipped (up to date)" if run.skipped else "ran",
                     run.seconds)

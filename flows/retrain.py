@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from flows.lock import WorkspaceBusy, workspace_lock
 from flows.pipeline import STOPPED, notify_end, run_pipeline
 from flows.proctree import below, send, stop_on_signals

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from finetune.ports import check_free, configured, wait_until_answers
 from flows.proctree import stop_on_signals
 

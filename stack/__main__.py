@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from stack.auth import write_user_files
 from stack.backup import backup, restore
 from stack.lifecycle import down, purge, up

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from stack.postgres import Postgres, StackError
 
 BUCKET = "finetune"

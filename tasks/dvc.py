@@ -12,13 +12,14 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from finetune.core.env import PIPELINE_RUN, WATCH
+from finetune.core.guard import watch_entry
 from finetune.demo.workspace import stage_env
-from finetune.train.guard import WATCH_ENV, watch_entry
 from flows.proctree import DEFAULT_GRACE_S, Limit, TimedOut, stop_tree
 
 # What `dvc repro` prints for a stage whose deps, params and outs are unchanged.
 _SKIPPED = "didn't change, skipping"
-# How a stage's command prints an error the user can act on (finetune/command.py).
+# How a stage's command prints an error the user can act on (finetune/core/command.py).
 _ERROR = "error: "
 # DVC's reminder after every stage that wrote dvc.lock or a .gitignore ("To track the changes
 # with git, run: git add dvc.lock ..." and "To enable auto staging, run: dvc config
@@ -53,7 +54,7 @@ class StageFailed(RuntimeError):
 
 def continues_error(line: str, inside: bool) -> bool:
     """Whether ``line`` is part of a stage's own error message: it starts with ``error: ``
-    (finetune/command.py), or continues one (a multi-line message) until DVC's ``ERROR:`` line."""
+    (finetune/core/command.py), or continues one (a multi-line message) until DVC's ``ERROR:`` line."""
     return line.startswith(_ERROR) or (inside and not line.startswith("ERROR: "))
 
 
@@ -109,8 +110,8 @@ def stream(command: list[str], workspace: Path, logger, limit: Limit | None = No
     (flows/proctree.py) before anything else happens; past the limit, TimedOut."""
     # One MLflow parent run per flow run: the training stages nest their runs under it. A
     # training also stops when this flow process ends (killed worker, Ctrl-C), not only its dvc.
-    watch = " ".join(filter(None, [os.environ.get(WATCH_ENV, ""), watch_entry(os.getpid())]))
-    env = stage_env() | {"FINETUNE_PIPELINE_RUN": _flow_run_id(), WATCH_ENV: watch}
+    watch = " ".join(filter(None, [os.environ.get(WATCH, ""), watch_entry(os.getpid())]))
+    env = stage_env() | {PIPELINE_RUN: _flow_run_id(), WATCH: watch}
     limit = limit or Limit(None, "", DEFAULT_GRACE_S)
     lines: list[str] = []
     in_error = False
@@ -164,7 +165,7 @@ def without_git_notices(lines: Iterable[str]) -> Iterator[str]:
         yield from [""] * blanks
 
 
-# The fetch stage's messages for a network that failed on every attempt (finetune/data/download.py).
+# The fetch stage's messages for a network that failed on every attempt (finetune/ingest/download.py).
 _TRANSIENT = ("Could not download", "The server or the connection is failing")
 # ... and for a host it could not reach at all (no DNS, no route, refused): no wait helps.
 _UNREACHABLE = "Not retried"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from finetune.config import load_params
-from tasks.dvc import stream
+from finetune.core.config import load_params
 from flows.proctree import Limit
+from tasks.dvc import stream
 
 
 class GateFailed(RuntimeError):

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from finetune.config import Params, load_params
+from finetune.core.config import Params, load_params
 from finetune.evaluate.metrics import uncertainty_words
 from finetune.evaluate.report import comparison_lines, study_verdict, verdict_line
 

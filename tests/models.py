@@ -16,7 +16,7 @@ from PIL import Image
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model

@@ -4,13 +4,14 @@ rewrites, and its training part alone (--no-pipeline) at tiny sizes without the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 
 sys.path.insert(0, str(REPO / "bench"))
 import bench  # noqa: E402
@@ -72,7 +73,7 @@ def test_the_speed_page_table_is_replaced_between_its_markers(tmp_path):
 
 
 def test_plain_settings_read_what_the_typed_settings_read(tmp_path):
-    """--no-pipeline reads params.yaml without pydantic: the same values as finetune.config."""
+    """--no-pipeline reads params.yaml without pydantic: the same values as finetune.core.config."""
     plain = bench.plain_settings(tmp_path, 3, 64, 72, "cpu", cache=tmp_path, batch_size=8)
     recipe = load_params(REPO / "params.yaml").train["finetune"].model_dump()
     expected = recipe | {"epochs": 3, "device": "cpu", "strategy": "full", "batch_size": 8} | bench.SPEED_ONLY
@@ -98,11 +99,13 @@ def tiny_bench(tmp_path_factory):
     return json.loads((folder / "bench-cpu.json").read_text()), json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_no_pipeline_imports_none_of_the_pipeline_stack(tiny_bench):
     _, imported = tiny_bench
     assert imported == []
 
 
+@pytest.mark.slow
 def test_the_report_names_its_machine_device_date_and_runs(tiny_bench):
     data, _ = tiny_bench
     assert data["device"] == "cpu" and "cores" in data["machine"] and data["date"]
@@ -113,11 +116,25 @@ def test_the_report_names_its_machine_device_date_and_runs(tiny_bench):
     assert data["runs"][1]["augment_on"] == "device"  # --augment-on reaches the trainer's settings
 
 
+@pytest.mark.slow
 def test_the_scale_check_reports_cache_rate_memory_and_speed(tiny_bench):
+    """--scale 12: one point (12 is below 10,000) on this machine's cores, whose cache rate is its
+    12 images over its build time per core (within the report's rounding), whose memory is what a
+    Python process with torch holds (anonymous within resident, both below the machine's RAM) and
+    whose training speed is a CPU's at 32 px."""
     data, _ = tiny_bench
-    (point,) = data["scale"]["points"]  # 12 images: below 10,000, one point
-    assert point["images"] == 12 and point["cache_img_s_per_core"] > 0 and point["train_img_s"] > 0
-    assert 0 < point["peak_anon_rss_mb"] <= point["peak_rss_mb"]
+    scale = data["scale"]
+    assert (scale["images"], scale["steps"], scale["cores"]) == (12, 1, os.cpu_count()) and scale["generate_s"] >= 0
+    (point,) = scale["points"]
+    assert point["images"] == 12
+    rate, build_s, cores = point["cache_img_s_per_core"], point["cache_build_s"], scale["cores"]
+    assert rate > 0 and build_s >= 0
+    # rate = images / build_s / cores, each rounded to 0.1: the exact values' intervals meet.
+    fastest, slowest = 12 / cores / (build_s + 0.05), 12 / cores / max(build_s - 0.05, 1e-9)
+    assert fastest <= rate + 0.05 and rate - 0.05 <= slowest, (rate, build_s, cores)
+    machine_mb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal:")).split()[1]) / 1024
+    assert 50 <= point["peak_anon_rss_mb"] <= point["peak_rss_mb"] < machine_mb  # torch alone is over 50 MB
+    assert 0 < point["train_img_s"] < 10_000  # one step of 4 images of 32 px on a CPU
 
 
 def test_a_stage_overhead_is_its_wall_time_less_its_recorded_epochs(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_DATA, dataset_zip, dvc, sha, tree_digest
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import sync_workspace, write_params
 
 
@@ -27,6 +27,7 @@ def workspace(tmp_path_factory) -> Path:
     return workspace
 
 
+@pytest.mark.slow
 def test_repro_fetch_produces_the_dataset_recorded_in_dvc_lock(workspace):
     assert len(tree_digest(workspace / "data" / "hotdog")) == 10
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
@@ -36,6 +37,7 @@ def test_repro_fetch_produces_the_dataset_recorded_in_dvc_lock(workspace):
     assert (workspace / "data" / ".gitignore").read_text().strip() == "/hotdog"
 
 
+@pytest.mark.slow
 def test_status_is_clean_and_a_second_repro_runs_nothing(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
     before = tree_digest(workspace / "data" / "hotdog")
@@ -47,6 +49,7 @@ def test_status_is_clean_and_a_second_repro_runs_nothing(workspace):
     assert (workspace / "dvc.lock").read_text() == lock
 
 
+@pytest.mark.slow
 def test_stale_stages_names_what_dvc_would_run(workspace):
     from flows.plan import stale_stages
 
@@ -55,21 +58,21 @@ def test_stale_stages_names_what_dvc_would_run(workspace):
     write_params(workspace / "params.yaml", workspace / "params.yaml", {"train.scratch.seed": 7})
     try:
         # the flow runs it and what follows: its search (the recipe is the grid's centre), its
-        # training; the study stages depend on every variant's recipe
-        study = {f"study@{seed}" for seed in load_params(workspace / "params.yaml").study.seeds}
-        assert stale_stages(workspace) == {"search@scratch", "train@scratch", *study}
+        # training; and the study's plan, whose file says only "disabled" (the study stays up to date)
+        assert stale_stages(workspace) == {"search@scratch", "train@scratch", "study_plan"}
     finally:
         (workspace / "params.yaml").write_text(params)
     assert stale_stages(workspace) == set()
 
 
+@pytest.mark.slow
 def test_editing_the_test_transform_makes_evaluate_stale(workspace):
     """evaluate imports finetune/data/portable.py (the test transform) through its folder dep: an
     edit there must rerun it, not report stale results as current (the old lineage hole)."""
     images = workspace / "finetune" / "data" / "portable.py"
     source = images.read_text()
-    assert "transforms.CenterCrop(crop)" in source
-    images.write_text(source.replace("transforms.CenterCrop(crop)", "transforms.CenterCrop(crop - 2)"))
+    assert "v2.CenterCrop(crop)" in source
+    images.write_text(source.replace("v2.CenterCrop(crop)", "v2.CenterCrop(crop - 2)"))
     try:
         stale = json.loads(dvc(workspace, "status", "--json").stdout)
         assert {"evaluate", "train@finetune", "train@scratch"} <= set(stale)
@@ -78,6 +81,7 @@ def test_editing_the_test_transform_makes_evaluate_stale(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.slow
 def test_a_failed_training_keeps_the_last_good_metrics_and_plots(workspace):
     kept = ["metrics/train/scratch.json", "plots/train/scratch.csv"]
     before = {name: (workspace / name).read_bytes() for name in kept}
@@ -92,6 +96,7 @@ def test_a_failed_training_keeps_the_last_good_metrics_and_plots(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("key", "value"), [("model.arch", "resnet81"), ("model.weights", "JPEG")])
 def test_invalid_model_settings_stop_the_pipeline_before_dvc_records_them(workspace, key, value):
     if value == "JPEG":  # a real image given as weights
@@ -110,6 +115,7 @@ def test_invalid_model_settings_stop_the_pipeline_before_dvc_records_them(worksp
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.slow
 def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
     before = tree_digest(workspace / "data" / "hotdog")
     lock = (workspace / "dvc.lock").read_text()
@@ -126,6 +132,7 @@ def test_a_failed_repro_keeps_the_dataset_and_the_lock(workspace):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.slow
 def test_push_and_pull_through_the_default_remote(workspace):
     before = tree_digest(workspace / "data" / "hotdog")
     dvc(workspace, "push")
@@ -141,6 +148,7 @@ def test_the_repo_config_has_analytics_off_and_a_default_remote():
     assert "remote = local" in config and "url = ../dvc-storage" in config
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_overrides_data_params(tmp_path):
     """`dvc exp run -S` works for the data keys (here: another archive, unverified)."""
     mirror = tmp_path / "other.zip"
@@ -154,6 +162,7 @@ def test_dvc_exp_run_overrides_data_params(tmp_path):
     assert dvc(workspace, "status", "--json").stdout.strip() == "{}"
 
 
+@pytest.mark.slow
 def test_repro_ends_with_a_registered_candidate_and_dvc_shows_the_evaluation(workspace, tmp_path):
     """`dvc repro` alone runs evaluate and register: dvc metrics and plots read their files."""
     record = json.loads((workspace / "reports" / "register.json").read_text())

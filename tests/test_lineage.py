@@ -69,6 +69,7 @@ def test_every_file_a_stage_imports_is_in_its_deps(stage):
     assert not missing, f"dvc.yaml stage {stage} imports files outside its deps: {missing}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["fetch", "train@finetune", "evaluate", "register"])
 def test_the_static_closure_holds_every_module_the_stage_really_imports(stage):
     module, _ = stage_commands(REPO)[stage]
@@ -86,3 +87,14 @@ def test_the_closure_follows_function_level_and_relative_imports(tmp_path):
     files = {str(p) for p in import_closure("pkg.main", tmp_path)}
     assert files == {"pkg/__init__.py", "pkg/main.py", "pkg/sub/__init__.py", "pkg/sub/leaf.py", "pkg/other.py"}
     assert covered(Path("pkg/sub/leaf.py"), [Path("pkg/sub")]) and not covered(Path("pkg/other.py"), [Path("pkg/sub")])
+
+
+def test_editing_a_data_check_leaves_every_training_up_to_date():
+    """The trainings' deps do not reach finetune/ingest (fetch, download, GX checks): a new
+    validation check re-runs validate, never search, train, evaluate or register."""
+    stages = stage_commands(REPO)
+    check = Path("finetune/ingest/checks.py")
+    assert covered(check, stages["validate"][1])
+    trainings = [name for name in stages if name.split("@")[0] in {"search", "train", "evaluate", "register"}]
+    assert len(trainings) >= 6
+    assert not [name for name in trainings if covered(check, stages[name][1])]

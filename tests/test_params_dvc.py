@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from finetune.config import TrainConfig
+from finetune.core.config import TrainConfig
 from finetune.demo.workspace import write_params
 
 VARIANTS = ("finetune", "scratch")
@@ -117,3 +117,15 @@ def test_a_changed_default_makes_every_variant_stale(repo):
         "train_defaults": "modified", f"train.{v}": "modified"}}}] for v in VARIANTS}
     changed = json.loads(run(repo, "dvc", "params", "diff", "--json"))["params.yaml"]
     assert {f"train.{v}.batch_size" for v in VARIANTS} <= set(changed)
+
+
+@pytest.mark.parametrize("stage", ["search", "train"])
+def test_the_pipeline_has_a_stage_for_each_variant_starting_from_what_it_starts_from(stage):
+    """dvc.yaml names the variants (with what each starts from, which params.yaml cannot say to
+    DVC): exactly those of params.yaml, and models/source for those, and only those, that start
+    from pretrained weights (model.weights may be models/source/model.pt)."""
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["foreach"]
+    variants = yaml.safe_load((REPO / "params.yaml").read_text())["train"]
+    assert set(listed) == set(variants)
+    for name, variant in variants.items():
+        assert (listed[name]["starts_from"] == "models/source") == (variant["init"] == "pretrained"), name

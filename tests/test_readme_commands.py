@@ -23,7 +23,7 @@ import pytest
 from conftest import REPO
 
 from finetune.cli import build_parser
-from finetune.config import load_params
+from finetune.core.config import load_params
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 VENV = REPO / ".venv"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, dvc
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.dag import WIDTH, parse_dot, render
 from finetune.demo.workspace import sync_workspace
 
@@ -48,7 +48,7 @@ def evaluate_document(variants: list[str], challenger: str, baseline: str) -> di
 def workspace(tmp_path_factory) -> Path:
     """A copy of the project with the metrics files of a finished run, the summary written by the
     evaluate stage's own functions (a third variant in the evaluation, which must add no column)."""
-    from finetune.data.validation import headline
+    from finetune.ingest.validation import headline
     from finetune.evaluate.metrics import summary_document
     from finetune.stages.evaluate import summary_path
 

@@ -10,6 +10,9 @@ A cache folder holds one dataset version at one set of sizes (its name is a dige
   crop) as (N, crop, crop, 3), since nothing random happens to them; added only when something
   that evaluates (the study, ``test_each_epoch``) first asks for it.
 
+Train-time augmentation of these images is finetune/train/augment.py's; the evaluation transform
+(finetune/data/portable.py) gives validation its crops of the stored train images.
+
 Everything is written to a temporary name and renamed into place, so a reader sees a whole
 cache (or test part) or none; arrays are memory-mapped, so a dataset bigger than RAM still works.
 """
@@ -29,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 from torchvision.transforms import v2
 
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD, FileListDataset, load_image
+from finetune.data.images import FileListDataset
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, eval_crop, load_image
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the layout of a cache folder changes
@@ -46,6 +49,11 @@ class Sizes:
     test_resize: int
     test_crop: int
     resize_mode: str
+
+    def eval_crop(self) -> v2.Compose:
+        """The evaluation transform's geometry at these sizes (portable.eval_crop): what makes the
+        cached test images, and validation's crops of the stored train images."""
+        return eval_crop(self.test_resize, self.test_crop, self.resize_mode)
 
 
 def cache_key(train: FileListDataset, test: FileListDataset, sizes: Sizes, data_version: str) -> str:
@@ -115,9 +123,7 @@ def _decode_train(args: tuple[Path, int]) -> np.ndarray:
 
 def _decode_test(args: tuple[Path, Sizes]) -> np.ndarray:
     path, sizes = args
-    resize = (sizes.test_resize, sizes.test_resize) if sizes.resize_mode == "squash" else sizes.test_resize
-    steps = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(sizes.test_crop)])
-    return np.asarray(steps(load_image(path)), dtype=np.uint8)
+    return np.asarray(sizes.eval_crop()(load_image(path)), dtype=np.uint8)
 
 
 def _decoded(function, jobs: list, workers: int):
@@ -187,19 +193,6 @@ class DecodedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(self.image(index).copy()).permute(2, 0, 1)
         return (self.transform(image) if self.transform else image), self.labels[index]
-
-
-def tensor_train_transform(crop: int) -> v2.Compose:
-    """The recipe's train augmentation on uint8 tensors: RandomResizedCrop + horizontal flip
-    (the same crop parameters as the PIL version; normalisation happens on the device)."""
-    return v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()])
-
-
-def tensor_eval_transform(sizes: Sizes) -> v2.Compose:
-    """The recipe's test transform on a stored train image (uint8 tensor): resize (``squash``:
-    both sides; ``aspect``: the shorter side) and center crop, as validation images are seen."""
-    resize = [sizes.test_resize] * 2 if sizes.resize_mode == "squash" else sizes.test_resize
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(sizes.test_crop)])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

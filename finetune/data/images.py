@@ -1,8 +1,9 @@
-"""Images to tensors as the recipe prescribes, and datasets over the validated file list.
+"""Datasets over the validated file list: each file read as an RGB image, whatever its mode
+(``load_image``), and given to the transform the caller passes.
 
-Preprocessing must match pretraining: ImageNet mean and std. Train: RandomResizedCrop +
-horizontal flip. Test: resize (both sides, as the book; or the shorter side, as torchvision's
-``weights.transforms()``) then center crop. Every image becomes RGB first, whatever its mode.
+The transforms live elsewhere, each in one place: train-time augmentation in
+finetune/train/augment.py; the evaluation transform (resize, center crop, ImageNet
+normalisation) in finetune/data/portable.py, since every registered model ships that file.
 """
 
 from __future__ import annotations
@@ -11,18 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torchvision import transforms
 
-# The test transform and image reading are the served model's too: they live in the file every
-# registered model ships (portable.py), and are named here for the training side.
-from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
-
-def train_transform(crop: int) -> transforms.Compose:
-    """RandomResizedCrop(crop) + RandomHorizontalFlip, normalised with ImageNet statistics."""
-    return transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip(),
-                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+# Image reading is the served model's too: it lives in the file every registered model ships
+# (portable.py). The statistics are named here for finetune/train/figures.py.
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, load_image  # noqa: F401
 
 
 class FileListDataset(torch.utils.data.Dataset):

@@ -1,8 +1,10 @@
 """Image bytes to class probabilities, in one file that imports nothing from this project (only
 torch, torchvision, Pillow and numpy).
 
-The project reads every image through it (finetune/data/images.py, finetune/model/classifier.py),
-and every registered model ships a copy of it (MLflow ``code_paths``) beside its model code
+The project reads every image through it (finetune/data/images.py, finetune/model/classifier.py)
+and evaluates with its one evaluation transform (:func:`eval_transform`, whose geometry
+:func:`eval_crop` also makes the decode cache's test images and validation crops), and every
+registered model ships a copy of it (MLflow ``code_paths``) beside its model code
 (finetune/tracking/portable_model.py): the registered model then loads and predicts exactly as
 ``python -m finetune predict`` does, in any MLflow client with the model's requirements, where
 this project is not installed. Keep it that way: no ``finetune`` import here.
@@ -20,11 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
+from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Python object reprs that Pillow puts in its messages (``<_io.BytesIO object at 0x7f...>``):
-# noise to a reader, and an address leaked to a server's client. (finetune/errors.py has the same
+# noise to a reader, and an address leaked to a server's client. (finetune/core/errors.py has the same
 # pattern for the project's messages; this file may not import it.)
 OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
@@ -36,17 +39,30 @@ class ImageError(ValueError):
         super().__init__(OBJECT_REPR.sub("", message))
 
 
-def eval_transform(resize: int, crop: int, mode: str) -> transforms.Compose:
-    """``squash``: both sides to ``resize`` (the book); ``aspect``: the shorter side (torchvision);
-    then CenterCrop(crop), normalised with ImageNet statistics."""
+def eval_crop(resize: int, crop: int, mode: str) -> v2.Compose:
+    """The test transform's geometry, on a PIL image or a uint8 CHW tensor (the same type comes
+    back): ``squash``: both sides to ``resize`` (the book); ``aspect``: the shorter side
+    (torchvision); then CenterCrop(crop). The decode cache applies it to uint8 tensors, hence
+    v2: it resizes those with torch's uint8 kernel (the classic transforms go through float), and
+    PIL images exactly as the classic transforms do."""
     if mode == "squash":
-        resizing = transforms.Resize((resize, resize))
+        size = [resize, resize]
     elif mode == "aspect":
-        resizing = transforms.Resize(resize)
+        size = resize
     else:
         raise ValueError(f"resize mode {mode!r}: use squash or aspect")
-    return transforms.Compose([resizing, transforms.CenterCrop(crop), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(crop)])
+
+
+def to_network_input() -> transforms.Compose:
+    """A PIL image to what the network reads: float CHW in [0, 1], normalised with ImageNet statistics."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(resize: int, crop: int, mode: str) -> transforms.Compose:
+    """A PIL image as evaluation and prediction give it to the network: :func:`eval_crop`, then
+    :func:`to_network_input`."""
+    return transforms.Compose([eval_crop(resize, crop, mode), to_network_input()])
 
 
 def load_image(path: Path | BinaryIO) -> Image.Image:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune.files import file_digest, write_atomic
+from finetune.core.files import file_digest, write_atomic
 
 SPLITS = ("train", "test")
 # A fixed timestamp so that the archive bytes depend only on the arguments (1980 is zip's epoch).

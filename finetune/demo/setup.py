@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune.config import DemoConfig, Params
+from finetune.core.config import DemoConfig, Params
 from finetune.demo.sample import class_names, write_sample_archive
 from finetune.demo.workspace import sync_workspace
 

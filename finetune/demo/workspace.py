@@ -22,7 +22,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from finetune.config import PARAMS_FILE
+from finetune.core.config import PARAMS_FILE
 
 # Files each workspace keeps for itself: its settings and its pipeline state.
 _OWN_FILES = {PARAMS_FILE.name, "dvc.lock"}

@@ -14,9 +14,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
+from finetune.core.files import write_atomic  # noqa: E402
 from finetune.data.images import load_image  # noqa: E402
 from finetune.evaluate.metrics import VariantEval  # noqa: E402
-from finetune.files import write_atomic  # noqa: E402
 
 
 def comparison_curves(histories: dict) -> plt.Figure:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 
 # Higher is better for every metric but these.
 LOWER_IS_BETTER = frozenset({"log_loss"})

@@ -163,7 +163,7 @@ def confusion_table(classes: list[str], matrix: list[list[int]]) -> list[str]:
 
 
 def study_verdict(params, project: Path) -> str | None:
-    """The study's verdict (the study-report stage's ``<study.plots>/summary.json``) when
+    """The study's verdict (the study_report stage's ``<study.plots>/summary.json``) when
     ``params`` enable the study and it ran, else None."""
     summary = project / params.study.plots / "summary.json"
     if not params.study.enabled or not summary.exists():

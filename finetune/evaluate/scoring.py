@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.config import EvaluateConfig, Params
+from finetune.core.config import EvaluateConfig, Params
+from finetune.core.errors import FinetuneError
 from finetune.data.images import load_splits
-from finetune.errors import FinetuneError
 from finetune.evaluate.metrics import VariantEval, chance_test, compare, score
 from finetune.model.classifier import Classifier, load_classifier
 from finetune.train.compiling import INFERENCE_SHARE, should_compile

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.config import ModelConfig
+from finetune.core.config import ModelConfig
+from finetune.core.errors import FinetuneError
+from finetune.core.files import write_atomic
 from finetune.data import portable
 from finetune.data.portable import ImageError, decode_image, describe, eval_transform  # noqa: F401 (the model's API)
-from finetune.errors import FinetuneError
-from finetune.files import write_atomic
 from finetune.model.factory import build_model
 
 

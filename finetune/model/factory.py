@@ -2,7 +2,9 @@
 
 ``build_model`` is steps 1–3 of the recipe: take the source model (ImageNet weights through
 torchvision's weights API, a local state_dict, or none), keep every layer but the output layer,
-and put a new, Xavier-initialised output layer with one output per class in its place.
+and put a new, Xavier-initialised output layer with one output per class in its place. The
+network carries its architecture's name, so whatever trains it finds its row of ARCHS (head,
+top, blocks) through :func:`arch_of` alone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import logging
 import socket
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,11 +22,14 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune.errors import ConfigError, FinetuneError
-from finetune.files import file_digest
+from finetune.core.errors import ConfigError, FinetuneError
+from finetune.core.files import file_digest
 from finetune.model.archs import ARCHS, Arch
 
 log = logging.getLogger(__name__)
+# The attribute that names a network's row of ARCHS: a plain string, so that the network still
+# unpickles where this project is not installed (the portable MLflow model pickles it).
+ARCH_ATTR = "finetune_arch"
 
 
 class WeightsError(FinetuneError):
@@ -35,13 +41,11 @@ def build_model(arch: str, weights: str, num_classes: int) -> nn.Module:
     ``num_classes``-way output layer."""
     spec = arch_spec(arch)
     builder = getattr(torchvision.models, spec.builder)
-    if weights == "imagenet":
-        model = _imagenet(builder, imagenet_weights(arch))
-    else:
-        model = builder(weights=None)
-        if weights != "none":
-            load_backbone(model, Path(weights))
-    model.fc = new_head(model.fc.in_features, num_classes)
+    model = _imagenet(builder, imagenet_weights(arch)) if weights == "imagenet" else builder(weights=None)
+    setattr(model, ARCH_ATTR, arch)
+    if weights not in ("imagenet", "none"):
+        load_backbone(model, Path(weights))
+    model.set_submodule(spec.head, new_head(head_of(model).in_features, num_classes), strict=True)
     return model
 
 
@@ -51,6 +55,39 @@ def arch_spec(arch: str) -> Arch:
         raise ConfigError(f"model.arch {arch!r} in params.yaml is not known; use one of {sorted(ARCHS)} "
                           "(or add a row to ARCHS in finetune/model/archs.py).")
     return ARCHS[arch]
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The ARCHS row of a network that build_model made."""
+    name = getattr(model, ARCH_ATTR, None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__} carries no architecture name ({ARCH_ATTR}): build it with "
+                         "finetune.model.factory.build_model, which records its row of ARCHS")
+    return arch_spec(name)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The output layer of ``model`` (its row's ``head``)."""
+    return model.get_submodule(arch_of(model).head)
+
+
+def top_of(model: nn.Module) -> nn.Module:
+    """The last module ``model`` runs, holding the output layer (its row's ``top``): its input is
+    the backbone's features."""
+    return model.get_submodule(arch_of(model).top)
+
+
+@contextmanager
+def top_removed(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the ``with`` block ``model`` ends at its top's input (it returns the backbone's
+    features); yields the top, which is put back on leaving."""
+    path = arch_of(model).top
+    top = model.get_submodule(path)
+    model.set_submodule(path, nn.Identity(), strict=True)
+    try:
+        yield top
+    finally:
+        model.set_submodule(path, top, strict=True)
 
 
 def imagenet_weights(arch: str) -> WeightsEnum:
@@ -124,14 +161,15 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors, or a checkpoint "
                            "with one under 'model'). Save one with torch.save(model.state_dict(), path).")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    head = arch_of(model).head + "."  # the source task's output layer: another shape, left new
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # same names, other shapes
         reason = " ".join(str(err).split())  # torch's message spans lines; the error is one paragraph
         raise WeightsError(f"{path} does not fit this model.arch ({reason}). Use weights saved from the "
                            "same architecture, or fix model.arch / model.weights in params.yaml.") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith(head)]
     if missing or unexpected:
         raise WeightsError(
             f"{path} does not fit this model.arch: {len(missing)} missing keys {missing[:5]}, "
@@ -140,13 +178,13 @@ def load_backbone(model: nn.Module, path: Path) -> None:
     log.info("loaded %d tensors from %s (output layer left new)", len(state), path)
 
 
-def block_modules(model: nn.Module, name: str, arch: str = "resnet18") -> list[nn.Module]:
-    """The modules of block ``name`` of an ``arch`` network (see ARCHS; a ResNet's ``stem`` is
-    conv1 + bn1)."""
-    spec = arch_spec(arch)
-    if name not in spec.blocks:
-        raise ValueError(f"unknown block {name!r}; blocks are {spec.blocks}")
-    return [getattr(model, part) for part in spec.parts.get(name, (name,))]
+def block_modules(model: nn.Module, name: str) -> list[nn.Module]:
+    """The modules of block ``name`` of ``model``, as its row of ARCHS lists them (a ResNet's
+    ``stem`` is conv1 + bn1)."""
+    spec = arch_of(model)
+    if name not in spec.parts:
+        raise ValueError(f"{name!r} is not a block of {spec.builder}; its blocks are {', '.join(spec.blocks)}")
+    return [model.get_submodule(path) for path in spec.parts[name]]
 
 
 def weights_path(weights: str, project: Path) -> str:

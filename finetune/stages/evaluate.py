@@ -14,7 +14,7 @@ leaves the previous outputs as they were.
 from __future__ import annotations
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "evaluate")
 
@@ -24,14 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.core.files import write_atomic
 from finetune.data.lineage import data_version
 from finetune.evaluate.figures import write_plots
 from finetune.evaluate.metrics import VariantEval, metrics_document, per_class_document, summary_document
 from finetune.evaluate.report import evaluation_markdown, verdict_line
 from finetune.evaluate.scoring import evaluate_variants
-from finetune.files import write_atomic
 from finetune.tracking.evaluation import log_evaluation
 
 

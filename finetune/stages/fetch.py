@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
-from finetune.data.fetch import fetch
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.ingest.fetch import fetch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,10 @@
 
 For users with a large source dataset and no route to ImageNet weights, and for the offline
 demo. With ``pretrain.data: null`` the stage only writes a note, and ``model.weights`` names the
-ImageNet weights (or any state_dict) as usual.
+ImageNet weights (or any state_dict) as usual. The source model always starts from random
+weights: params.yaml is refused at load unless ``pretrain.train.init`` is ``scratch``
+(finetune/core/config.py says why). Its training is one tracking record (finetune/tracking/runs.py),
+which a rerun after a crash continues from the checkpoint.
 
 `python -m finetune.stages.pretrain --out models/source`
 """
@@ -10,13 +13,13 @@ ImageNet weights (or any state_dict) as usual.
 from __future__ import annotations
 
 # First of all, while the `dvc repro` that started this process is surely alive: note it, so
-# that killing it even during the imports below ends this stage (finetune/train/guard.py).
-from finetune.train.guard import record_starter
+# that killing it even during the imports below ends this stage (finetune/core/guard.py).
+from finetune.core.guard import record_starter
 
 record_starter(__name__)
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "pretrain")
 
@@ -25,16 +28,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
-from finetune.data.fetch import fetch
-from finetune.data.index import build_index, list_dataset
-from finetune.files import fingerprint_of, write_atomic
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.core.files import fingerprint_of, write_atomic
+from finetune.core.guard import hold_folder, stop_with_starter
+from finetune.ingest.fetch import fetch
+from finetune.ingest.index import build_index, list_dataset
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model
-from finetune.tracking.runs import MlflowCallback, check_caught_up, pretrain_run
+from finetune.tracking.runs import pretrain_record
+from finetune.tracking.store import runtime_tags
 from finetune.train.checkpoints import load_checkpoint
-from finetune.train.guard import hold_folder, stop_with_starter
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit
 from finetune.train.runtime import resolve_runtime, seed_everything
@@ -70,13 +74,14 @@ def _pretrain(params: Params, target: Path, project: Path) -> Path | None:
     classes = data.classes
     model = build_model(m.arch, "none", len(classes))
     fingerprint = fingerprint_of(cfg.model_dump(mode="json"), m.model_dump(mode="json"), classes, len(usable))
-    tracker = MlflowCallback()
-    with pretrain_run(project, dataset.name, cfg.train, len(classes)):
-        fitted = fit(model, data, data.cfg, runtime, target, fingerprint=fingerprint,
-                     checkpoint=load_checkpoint(target, fingerprint), callbacks=[tracker],
-                     key="pretrain.train")
+    checkpoint = load_checkpoint(target, fingerprint)
+    record = pretrain_record(project, dataset.name, cfg.train, len(classes),
+                             runtime_tags(runtime.device, runtime.precision), checkpoint)
+    with record:
+        fitted = fit(model, data, data.cfg, runtime, target, fingerprint=fingerprint, checkpoint=checkpoint,
+                     extra=record.checkpoint_extra(), callbacks=[record], key="pretrain.train")
     save_final(target / "model.pt", model, classes, m.arch, cfg.model_dump(mode="json"))
-    check_caught_up(tracker, f"{target / 'model.pt'}")
+    record.check_caught_up(f"{target / 'model.pt'}")
     chosen = fitted.selected
     log.info("source model: %d classes, epoch %d of %d kept (validation accuracy %s) -> %s", len(classes),
              chosen.epoch, len(fitted.history), "n/a" if chosen.val_acc is None else f"{chosen.val_acc:.3f}",

@@ -10,7 +10,7 @@ registered and register.record says why. Promotion to ``production`` is a separa
 from __future__ import annotations
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "register")
 
@@ -18,8 +18,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
 from finetune.evaluate.metrics import uncertainty_words
 from finetune.tracking.registry import Registration, register_candidate
 

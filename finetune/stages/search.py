@@ -10,13 +10,13 @@ MLflow child run. With ``search.enabled: false`` it records the variant's own lr
 from __future__ import annotations
 
 # First of all, while the `dvc repro` that started this process is surely alive: note it, so
-# that killing it even during the imports below ends this stage (finetune/train/guard.py).
-from finetune.train.guard import record_starter
+# that killing it even during the imports below ends this stage (finetune/core/guard.py).
+from finetune.core.guard import record_starter
 
 record_starter(__name__)
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "search")
 
@@ -26,12 +26,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
-from finetune.errors import ConfigError
-from finetune.files import write_atomic
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.core.errors import ConfigError
+from finetune.core.files import write_atomic
+from finetune.core.guard import stop_with_starter
 from finetune.tracking.search import log_choice, log_trial, search_run, search_words
-from finetune.train.guard import stop_with_starter
 from finetune.train.search import disabled_document, plan_search, run_search, search_document, train_labels
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """The ``study@<seed>`` stages: with one seed, evaluate.challenger and evaluate.baseline trained on
-each of ``study.fractions`` of the train split and scored on the test split, each training a run
-nested under the study's parent run in MLflow. Writes ``<study.runs>/seed-<seed>.json`` (every
-run's accuracies and per-image test outcomes), which the ``study-report`` stage summarises. With
-``study.enabled: false`` it only writes a note, so `dvc repro` costs nothing extra.
+each of ``study.fractions`` of the train split and scored on the test split, each training
+recorded as it trains (one training record: a run nested under the study's parent run in
+MLflow). Writes ``<study.runs>/seed-<seed>.json`` (every run's accuracies and per-image test
+outcomes), which the ``study_report`` stage summarises. With ``study.enabled: false`` it only
+writes a note, so `dvc repro` costs nothing extra.
 
 `python -m finetune.stages.study --seed 0 --out reports/study/seed-0.json`
 """
@@ -10,13 +11,13 @@ run's accuracies and per-image test outcomes), which the ``study-report`` stage 
 from __future__ import annotations
 
 # First of all, while the `dvc repro` that started this process is surely alive: note it, so
-# that killing it even during the imports below ends this stage (finetune/train/guard.py).
-from finetune.train.guard import record_starter
+# that killing it even during the imports below ends this stage (finetune/core/guard.py).
+from finetune.core.guard import record_starter
 
 record_starter(__name__)
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "study")
 
@@ -25,13 +26,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.core.errors import ConfigError
+from finetune.core.files import fingerprint_of, write_atomic
+from finetune.core.guard import stop_with_starter
 from finetune.data.lineage import data_version
-from finetune.errors import ConfigError
-from finetune.files import fingerprint_of, write_atomic
-from finetune.tracking.study import log_study_run, study_parent
-from finetune.train.guard import stop_with_starter
+from finetune.tracking.study import study_parent, study_record
 from finetune.train.search import read_search, tuned
 from finetune.train.study import study_seed
 
@@ -53,7 +54,7 @@ def run_seed(params: Params, seed: int, out: Path, project: Path = Path(".")) ->
                     "note": "study.enabled is false: nothing trained (make study, or set it true in params.yaml)"}
     else:
         parent = study_parent(project, params.data.dir, study_key(params, project))
-        records = study_seed(params, seed, project, lambda record, history: log_study_run(parent, record, history))
+        records = study_seed(params, seed, project, lambda run: study_record(project, parent, run))
         document = {"enabled": True, "seed": seed, "parent_run": parent, "runs": records}
     write_atomic(project / out, lambda tmp: tmp.write_text(json.dumps(document) + "\n"))
     return document

@@ -1,4 +1,4 @@
-"""The ``study-report`` stage: every seed's study runs summarised — per fraction each variant's
+"""The ``study_report`` stage: every seed's study runs summarised — per fraction each variant's
 mean test accuracy with its 95% interval, the paired difference, a paired t-test across seeds and
 the pooled McNemar test, each variant against chance (the majority class's share of the test
 split in ``validate.files``, at ``evaluate.chance_p``); the learning curve (dvc plots data and
@@ -13,9 +13,9 @@ With ``study.enabled: false`` it writes a note in each place.
 from __future__ import annotations
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
-check_params_first(__name__, "study-report")
+check_params_first(__name__, "study_report")
 
 import argparse
 import json
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
-from finetune.errors import FinetuneError
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.core.errors import FinetuneError
+from finetune.core.files import write_atomic
 from finetune.evaluate.figures import learning_curve, save_png
 from finetune.evaluate.study import curve_rows, headline, study_markdown, summarize
-from finetune.files import write_atomic
 from finetune.tracking.study import log_study_summary
 
 

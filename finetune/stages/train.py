@@ -1,4 +1,5 @@
-"""The ``train@<variant>`` stage: data → model → fit → outputs, tracked as a nested MLflow run.
+"""The ``train@<variant>`` stage: data → model → fit → outputs, tracked as one record (a nested MLflow
+run, finetune/tracking/runs.py) that ``fit`` reports to as a callback.
 
 Outputs (paths from dvc.yaml): ``<out>/model.pt`` (the kept epoch's weights, classes, the config
 that made them, its validation scores), ``<out>/checkpoint.pt`` (for resuming, see
@@ -14,13 +15,13 @@ continues the same run instead of leaving an orphan.
 from __future__ import annotations
 
 # First of all, while the `dvc repro` that started this process is surely alive: note it, so
-# that killing it even during the imports below ends this stage (finetune/train/guard.py).
-from finetune.train.guard import record_starter
+# that killing it even during the imports below ends this stage (finetune/core/guard.py).
+from finetune.core.guard import record_starter
 
 record_starter(__name__)
 
 # Before the imports below load torch and MLflow (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "train")
 
@@ -36,16 +37,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params, TrainConfig, check_weights_file
+from finetune.core import guard
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params, TrainConfig, check_weights_file
+from finetune.core.errors import ConfigError
+from finetune.core.files import file_digest, fingerprint_of, write_atomic
 from finetune.data.lineage import data_version, git_commit
-from finetune.errors import ConfigError
-from finetune.files import file_digest, fingerprint_of, write_atomic
 from finetune.model.classifier import save_final
 from finetune.model.factory import build_model, weights_digest, weights_path
 from finetune.tracking import runs
 from finetune.tracking.store import runtime_tags
-from finetune.train import distributed, guard
+from finetune.train import distributed
 from finetune.train.callbacks import EpochStats
 from finetune.train.checkpoints import load_checkpoint, remove_checkpoint
 from finetune.train.distributed import Dist
@@ -124,47 +126,45 @@ def _train(params: Params, variant: str, cfg: TrainConfig, runtime: Runtime, pat
                                  weights_digest(weights, project))
     out = project / paths.out
     # Only an unfinished run of these settings resumes; a finished one is trained afresh.
-    previous = runs.read_run_file(out, fingerprint)
-    checkpoint = load_checkpoint(out, fingerprint) if previous else None
+    checkpoint = load_checkpoint(out, fingerprint) if runs.read_run_file(out, fingerprint) else None
     n_val = len(data.val_files)
-    run = runs.training_run(params, variant, out, fingerprint, project, previous, version,
-                            commit) if dist.main else nullcontext()
-    with run as active:
-        run_id = active.info.run_id if dist.main else ""
-        if dist.main:
-            write_validation_files(out, data.val_files)
-            if checkpoint is None:
-                runs.log_setup(settings, cfg, version, commit, project, params, data.train_images, n_val)
-                if search.get("enabled") and search.get("method") == CROSS_VALIDATION:
-                    runs.log_cross_validated(search["val_acc"])
-                runs.log_validation_files(out / VALIDATION_FILES)
-            runs.set_tags(runtime_tags(runtime.device, runtime.precision) | {"processes": str(dist.world)})
-        tracker = runs.MlflowCallback([EpochStats(**s) for s in checkpoint["history"]] if checkpoint else ())
+    record = None  # under torchrun rank 0 alone records and writes
+    if dist.main:
+        write_validation_files(out, data.val_files)  # before the record, which logs the file
+        seen = runs.VariantData(version, commit, data.train_images, n_val, out / VALIDATION_FILES,
+                                search["val_acc"] if cross_validated(search) else None)
+        record = runs.variant_record(params, settings, cfg, project, out, fingerprint, seen, runtime_tags(
+            runtime.device, runtime.precision) | {"processes": str(dist.world)}, checkpoint)
+    with record or nullcontext():
         fitted = fit(model, data, cfg, runtime, out, fingerprint=fingerprint, checkpoint=checkpoint,
-                     extra={"mlflow_run_id": run_id, "settings": settings},
-                     callbacks=[tracker] if dist.main else (), dist=dist, key=f"train.{variant}")
-        chosen = fitted.selected
+                     extra={"settings": settings} | (record.checkpoint_extra() if record else {}),
+                     callbacks=[record] if record else (), dist=dist, key=f"train.{variant}")
         # The kept weights once more on validation: the predictions picture (every process takes part).
         probs, truth = predict_all(model, data.val, runtime, dist) if data.val is not None else (None, None)
-        if dist.main:
+        if record:
             scores = selected_scores(fitted) | validation_score(search, fitted, n_val)
             save_final(out / "model.pt", model, classes, params.model.arch, settings, fingerprint=fingerprint,
-                       mlflow_run_id=run_id, **scores)
+                       mlflow_run_id=record.token, **scores)
             write_outputs(paths, project, fitted, scores, data.train_images, n_val, search)
             # The outputs first: a tracking outage or a refused artifact then costs no training (the
             # rerun resumes after the last epoch and logs only what the run misses).
-            runs.log_results(out / "model.pt", data.val_set, probs, truth, classes, params,
-                             (project / paths.metrics, project / "params.yaml"), tracker, scores)
-            runs.write_run_file(out, fingerprint, run_id, complete=True)
+            record.log_results(out / "model.pt", params, (project / paths.metrics, project / "params.yaml"), scores,
+                               (data.val_set, probs, truth, classes) if probs is not None else None)
             remove_checkpoint(out)  # after the record: a crash in between leaves a complete run
+    run_id = record.token if record else ""
     log.info("%s: %s (MLflow run %s)", variant, describe_selection(fitted, cfg), run_id)
-    return TrainResult(variant, chosen.val_acc, fitted.history, run_id, out / "model.pt")
+    return TrainResult(variant, fitted.selected.val_acc, fitted.history, run_id, out / "model.pt")
+
+
+def cross_validated(search: dict) -> bool:
+    """Whether the variant's search chose its lr by k-fold cross-validation (no validation split)."""
+    return bool(search.get("enabled")) and search.get("method") == CROSS_VALIDATION
 
 
 def validation_score(search: dict, fitted: Fitted, n_val: int) -> dict:
     """What the variant is judged by before the test: its kept epoch on the validation split,
     or (after a cross-validated search, which leaves no split) the folds' mean and spread."""
-    if search.get("enabled") and search.get("method") == CROSS_VALIDATION:
+    if cross_validated(search):
         return {"val_acc": search["val_acc"], "val_loss": search["val_loss"], "val_acc_sd": search["val_acc_sd"],
                 "val_source": CROSS_VALIDATION, "val_folds": search["folds"], "val_images": search["val_images"],
                 "lr": search["lr"]}

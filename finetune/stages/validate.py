@@ -9,7 +9,7 @@ left out of the file list that training reads.
 from __future__ import annotations
 
 # Before the imports below load Great Expectations (seconds): a wrong params.yaml fails at once.
-from finetune.command import check_params_first
+from finetune.core.command import check_params_first
 
 check_params_first(__name__, "validate")
 
@@ -17,9 +17,9 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from finetune.command import exit_now, stage_main
-from finetune.config import Params
-from finetune.data.validation import ValidationFailed, failure_message, validate_dataset
+from finetune.core.command import exit_now, stage_main
+from finetune.core.config import Params
+from finetune.ingest.validation import ValidationFailed, failure_message, validate_dataset
 
 log = logging.getLogger("finetune")
 

@@ -7,7 +7,7 @@ then, added by the gate, the study's verdict (when a study ran) and the gate's d
 
 from __future__ import annotations
 
-from finetune.config import Params
+from finetune.core.config import Params
 from finetune.evaluate.metrics import uncertainty_words, validation_uncertainty
 
 DECISION_HEADING = "**Gate:**"  # the card's last line, replaced at each decision on the version

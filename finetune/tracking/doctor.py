@@ -19,13 +19,13 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from finetune.config import Params
+from finetune.core.config import Params
 from finetune.model.classifier import read_final
-from finetune.train.checkpoints import CHECKPOINT, set_aside_folder
 from finetune.tracking.cache_check import damaged
 from finetune.tracking.registry import CANDIDATE, PRODUCTION, production_history, registered_versions, run_exists
 from finetune.tracking.serving import evaluate_registered, load_served, portable
 from finetune.tracking.store import use_store
+from finetune.train.checkpoints import CHECKPOINT, set_aside_folder
 
 REGISTER = "dvc repro --force --single-item register"
 # A version whose files are broken is not replaced by REGISTER (it reuses the same training's version).

@@ -1,7 +1,8 @@
 """The MLflow model registry: register the compared variant that validates best, of those above
 chance on the test split, as ``candidate`` (the register stage's work), promote it to
-``production`` through a gate whose first rule is the same floor, roll back. Aliases only
-(registry stages are deprecated in MLflow 3).
+``production`` through a gate whose first rule is the same floor (the gate's policy, on plain
+numbers: finetune/evaluate/gate.py; this module scores the versions and records the decision),
+roll back. Aliases only (registry stages are deprecated in MLflow 3).
 
 Every decision is recorded twice: as tags on the versions involved and as one JSON line in the
 promotion log, an artifact of the run ``registry-<model name>`` (in the experiment
@@ -21,24 +22,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from finetune.config import Params
+import mlflow
+from finetune.core.config import Params
+from finetune.core.errors import FinetuneError
+from finetune.core.files import fingerprint_of, write_atomic
 from finetune.data.lineage import data_version, git_commit
-from finetune.errors import FinetuneError
+from finetune.evaluate import gate
 from finetune.evaluate.metrics import (
     VariantEval,
     above_chance,
-    better,
-    choose_by_validation,
     chance_words,
+    choose_by_validation,
     validation_uncertainty,
     winner,
 )
 from finetune.evaluate.report import study_verdict
-from finetune.files import fingerprint_of, write_atomic
 from finetune.model.classifier import load_classifier, read_final
 from finetune.tracking.card import model_card, with_judgment
 from finetune.tracking.packaging import log_classifier, served_limits
@@ -419,54 +420,37 @@ def try_score(params: Params, project: Path, version) -> tuple[float | None, str
 
 
 def _decide(params: Params, project: Path, candidate, production, force: bool) -> Decision:
+    """The gate's decision (its policy: finetune/evaluate/gate.py) on the registry's versions,
+    each scored on the current test split only when a rule needs it. An unreadable candidate is
+    never promoted (RegistryError)."""
     cfg = params.register_
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    base = {"model_name": cfg.model_name, "candidate": str(candidate.version), "metric": cfg.metric,
-            "min_improvement": cfg.min_improvement, "time": now}
-    if production is not None and production.version == candidate.version:  # nothing to score
-        return Decision("unchanged", production_before=str(production.version), production_after=str(production.version),
-                        candidate_score=None, production_score=None,
-                        reason=f"version {candidate.version} is already production", **base)
+    held = gate.Production(str(production.version)) if production is not None else None
+    verdict = gate.settled(str(candidate.version), held)
+    scored = None
+    if verdict is None:
+        scored = _scored_candidate(params, project, candidate)
+        verdict = gate.first_rules(scored, held, force)
+    if verdict is None:
+        score, why = try_score(params, project, production)
+        held = gate.Production(held.version, score, why)
+        verdict = gate.against_production(gate.Gate(cfg.metric, cfg.min_improvement), scored, held, force)
+        if why is not None:
+            log.warning("%s", verdict.reason.removeprefix("forced: "))
+    return Decision(verdict.action, cfg.model_name, str(candidate.version), held.version if held else None,
+                    verdict.production_after, cfg.metric, scored.score if scored else None, verdict.production_score,
+                    cfg.min_improvement, verdict.reason, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def _scored_candidate(params: Params, project: Path, candidate) -> gate.Candidate:
+    """``candidate`` scored on the current test split for the gate; RegistryError when it is unreadable."""
+    cfg = params.register_
     scored, why = try_evaluate(params, project, candidate)
     if why is not None:
         raise RegistryError(f"version {candidate.version} of {cfg.model_name} is unreadable ({why}): it is not "
                             "promoted. Register a readable model (`dvc repro --force --single-item register`) or "
                             "name another version (`python -m finetune promote --version N`); "
                             "`python -m finetune doctor` lists what is wrong.")
-    cand_score = base["candidate_score"] = scored.metrics[cfg.metric]
-    kept = str(production.version) if production is not None else None
-    if not scored.chance.above:
-        # The floor comes before everything, --force included: a model that does no better than
-        # always answering the largest class serves nothing, whatever production holds.
-        return Decision("refused", production_before=kept, production_after=kept, production_score=None,
-                        reason=chance_refusal(candidate.version, scored, force), **base)
-    if production is None:
-        return Decision("promoted", production_before=None, production_after=str(candidate.version), production_score=None,
-                        reason="no production version yet", **base)
-    prod_score, why = try_score(params, project, production)
-    if why is not None:
-        reason = (f"production v{production.version} unreadable: {why}; treated as no valid production, "
-                  f"v{candidate.version} promoted ({cfg.metric} {cand_score:.4f})")
-        log.warning("%s", reason)
-        return Decision("promoted", production_before=kept, production_after=str(candidate.version),
-                        production_score=None, reason=f"forced: {reason}" if force else reason, **base)
-    gain = better(cfg.metric, cand_score, prod_score)
-    passed = gain > 0 and gain >= cfg.min_improvement
-    numbers = (f"{cfg.metric} {cand_score:.4f} (candidate v{candidate.version}) vs {prod_score:.4f} "
-               f"(production v{production.version}) on the same test data: gain {gain:+.4f}, "
-               f"required > 0 and >= {cfg.min_improvement}")
-    if passed or force:
-        return Decision("promoted", production_before=kept, production_after=str(candidate.version),
-                        production_score=prod_score, reason=numbers if passed else f"forced: {numbers}", **base)
-    return Decision("refused", production_before=kept, production_after=kept,
-                    production_score=prod_score, reason=numbers, **base)
-
-
-def chance_refusal(version: str, scored: VariantEval, force: bool) -> str:
-    """The recorded reason for refusing a candidate at chance on the current test split."""
-    return (f"candidate v{version} did {scored.chance.reason()} on the current test split "
-            f"({scored.chance.right} of {scored.chance.images} right): a model at chance is never promoted"
-            + (", and --force does not override this floor" if force else ""))
+    return gate.Candidate(str(candidate.version), scored.metrics[cfg.metric], scored.chance)
 
 
 def rollback(params: Params, project: Path = Path(".")) -> Decision:

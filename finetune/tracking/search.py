@@ -6,14 +6,15 @@ view then plots lr against val_acc across a search's trials (parallel coordinate
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from finetune.config import Params
+import mlflow
+from finetune.core.config import Params
 from finetune.data.lineage import data_version, git_commit
-from finetune.tracking.runs import ended
-from finetune.tracking.store import NOTE_TAG, parent_run, pipeline_experiment, pipeline_key, use_store
+from finetune.tracking.runs import ended, pipeline_parent
+from finetune.tracking.store import NOTE_TAG, use_store
+from finetune.train.lr_groups import BASE
 from finetune.train.search import Plan, Trial
 
 
@@ -21,12 +22,9 @@ def search_run(params: Params, variant: str, plan: Plan, project):
     """The variant's search run (a context: ended FINISHED, or FAILED on an error), nested in the
     pipeline run that its trainings join, with the plan as params."""
     use_store(project)
-    experiment = pipeline_experiment(params.data.dir, project)
     version, commit = data_version(project, params.data.dir), git_commit(project)
-    key = pipeline_key(version, commit, params.model.model_dump(mode="json"),
-                       {name: t.model_dump() for name, t in params.train.items()})
-    parent = parent_run(experiment, key, {"data_version": version, "git_commit": commit})
-    run = mlflow.start_run(experiment_id=experiment, run_name=f"search@{variant}", parent_run_id=parent,
+    where = pipeline_parent(params, project, version, commit)
+    run = mlflow.start_run(experiment_id=where.experiment, run_name=f"search@{variant}", parent_run_id=where.parent,
                            tags={"variant": variant, "finetune.kind": "search"})
     mlflow.log_params({"variant": variant, "method": plan.method, "folds": plan.folds,
                        "budget": params.search.budget, "lr_step": params.search.lr_step,
@@ -52,7 +50,7 @@ def log_trial(search_run_id: str, variant: str, plan: Plan, trial: Trial) -> Non
     # The kept epoch's scores as the last step: the runs table and the charts show those.
     last = (trial.curve[-1]["epoch"] + 1) if trial.curve else 0
     metrics += [Metric(f"selected.{k}", float(v), 0, last) for k, v in final.items() if v is not None]
-    params = [Param("lr", f"{trial.lr:.6g}"), Param("method", plan.method), Param("folds", str(plan.folds)),
+    params = [Param(BASE.param, f"{trial.lr:.6g}"), Param("method", plan.method), Param("folds", str(plan.folds)),
               Param("batch_size", str(plan.batch_size)), Param("epochs", str(plan.epochs))]
     client.log_batch(run_id, metrics=metrics, params=params, tags=[RunTag("failure", trial.failure or "none")])
     client.set_terminated(run_id, "FINISHED")

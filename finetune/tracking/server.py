@@ -18,12 +18,12 @@ import re
 import threading
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from finetune.config import ServeConfig, load_params
-from finetune.errors import FinetuneError
+import mlflow
+from finetune.core.config import ServeConfig, load_params
+from finetune.core.errors import FinetuneError
 from finetune.tracking.portable_model import IMAGE_COLUMN
 from finetune.tracking.serving import load_served, scoring_app
 from finetune.tracking.store import use_store

@@ -30,7 +30,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import PIL
@@ -42,9 +41,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from finetune.config import ModelConfig, Params, ServeConfig
+import mlflow
+from finetune.core.config import ModelConfig, Params, ServeConfig
+from finetune.core.errors import FinetuneError, plain_error
 from finetune.data import portable as data_portable
-from finetune.errors import FinetuneError, plain_error
 from finetune.evaluate.figures import errors_figure, save_png
 from finetune.evaluate.metrics import VariantEval
 from finetune.evaluate.scoring import evaluate_classifier

@@ -18,10 +18,11 @@ import platform
 import time
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
-from finetune.files import fingerprint_of
+import mlflow
+from finetune.core.env import PIPELINE_RUN, PIPELINE_START
+from finetune.core.files import fingerprint_of
 
 log = logging.getLogger(__name__)
 PIPELINE_TAG = "finetune.pipeline"
@@ -30,10 +31,9 @@ PIPELINE_TAG = "finetune.pipeline"
 KIND_TAG, ML_KIND = "mlflow.experimentKind", "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the description the UI shows on an experiment or run page
 SELECTION_TAG = "finetune.selection"  # a training run's kept epoch in words (runs.py; evaluation.py reuses it)
-# Milliseconds since the epoch when the orchestrator started the pipeline (the Prefect flow sets
-# it for the stages it runs, flows/pipeline.py): the parent run starts there, not when the first
-# training asks for it.
-START_ENV = "FINETUNE_PIPELINE_START"
+# When the orchestrator started the pipeline (the Prefect flow sets it for the stages it runs,
+# flows/pipeline.py): the parent run starts there, not when the first training asks for it.
+START_ENV = PIPELINE_START
 REGISTRY_EXPERIMENT = "finetune-registry"  # the registry's bookkeeping, apart from the training runs
 # A tracking server that is away costs seconds per request, not MLflow's default minutes (120 s
 # timeout, 7 retries with backoff 2: about 4 min per call): training goes on without it and
@@ -163,7 +163,7 @@ def close_pipeline_run(project: Path, dataset: Path, key: str, outcome: str = ""
 
 def pipeline_key(*parts: object) -> str:
     """``FINETUNE_PIPELINE_RUN`` if set (the Prefect flow run id), else a digest of ``parts``."""
-    return os.environ.get("FINETUNE_PIPELINE_RUN") or fingerprint_of(*parts)
+    return os.environ.get(PIPELINE_RUN) or fingerprint_of(*parts)
 
 
 def runtime_tags(device, precision: str) -> dict[str, str]:

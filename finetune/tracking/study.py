@@ -1,20 +1,22 @@
 """The study in MLflow: one parent run "study-<key>" in the experiment ``finetune-<data>-study``,
-a nested run per training (variant, fraction, seed) with its per-epoch curves, and the summary
-(per-fraction means, the verdict as its description, the learning curve and the report) on the
-parent. A tracking store that is away costs a warning: the study's files are its record."""
+a nested run per training (variant, fraction, seed), kept by a training record as it trains
+(finetune/tracking/runs.py), and the summary (per-fraction means, the verdict as its
+description, the learning curve and the report) on the parent. A tracking store that is away
+costs a warning: the study's files are its record."""
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from finetune.tracking.runs import TRACKING_ERRORS
+from finetune.tracking.runs import TRACKING_ERRORS, Setup, TrainingRecord, Where
 from finetune.tracking.store import NOTE_TAG, experiment_id, pipeline_experiment_name, use_store
-from finetune.train.callbacks import EpochStats
+from finetune.train.callbacks import Callback
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "finetune.study"
@@ -40,29 +42,44 @@ def study_parent(project: Path, dataset: Path, key: str) -> str | None:
         return None
 
 
-def log_study_run(parent: str | None, record: dict, history: list[EpochStats]) -> None:
-    """One training of the study as a finished run nested under ``parent``."""
+class StudyRecord(TrainingRecord):
+    """One training of the study as a run nested under the study's parent run, kept as it trains
+    (per-epoch curves, the lrs) and ended with its test accuracy. The study's files are its
+    record: a tracking store that is away costs a warning, never the training."""
+
+    def __enter__(self) -> StudyRecord:
+        try:
+            super().__enter__()
+        except TRACKING_ERRORS as err:
+            log.warning("could not log the study run to MLflow (%s)", str(err).splitlines()[0][:200])
+        return self
+
+    def on_result(self, result: dict) -> None:
+        """The test accuracy, the kept epoch and its validation accuracy (step 0), and the run's
+        description in words."""
+        if not self.active:
+            return
+        note = (f"{self.name}: test accuracy {result['test_acc']:.3f} on {result['train_images']} train images "
+                f"(epoch {result['selected_epoch']} kept by validation)")
+        metrics = [Metric(k, float(result[k]), int(time.time() * 1000), 0)
+                   for k in ("test_acc", "val_acc", "selected_epoch") if result.get(k) is not None]
+        try:
+            MlflowClient().log_batch(self.run_id, metrics=metrics, tags=[RunTag(NOTE_TAG, note)])
+        except TRACKING_ERRORS as err:
+            log.warning("could not log the study run's result to MLflow (%s)", str(err).splitlines()[0][:200])
+
+
+def study_record(project: Path, parent: str | None, run: dict) -> AbstractContextManager[Callback]:
+    """The record of one study training (``run``: variant, fraction, seed, train_images) under
+    ``parent``; a callback that records nothing when the study has no parent run (the store did
+    not answer when the seed began)."""
     if parent is None:
-        return
-    client = MlflowClient()
-    try:
-        experiment = client.get_run(parent).info.experiment_id
-        name = f"{record['variant']} {record['fraction']:g} seed {record['seed']}"
-        run = client.create_run(experiment, run_name=name, tags={
-            "mlflow.parentRunId": parent, "variant": record["variant"], NOTE_TAG: (
-                f"{name}: test accuracy {record['test_acc']:.3f} on {record['train_images']} train images "
-                f"(epoch {record['selected_epoch']} kept by validation)")})
-        now = int(time.time() * 1000)
-        params = [Param(k, str(record[k])) for k in ("variant", "fraction", "seed", "train_images")]
-        metrics = [Metric(k, float(record[k]), now, 0) for k in ("test_acc", "val_acc", "selected_epoch")
-                   if record.get(k) is not None]
-        for s in history:
-            metrics += [Metric(k, float(v), now, s.epoch) for k, v in (("train_loss", s.train_loss),
-                                                                       ("val_acc", s.val_acc)) if v is not None]
-        client.log_batch(run.info.run_id, metrics=metrics, params=params)
-        client.set_terminated(run.info.run_id)
-    except TRACKING_ERRORS as err:
-        log.warning("could not log the study run to MLflow (%s)", str(err).splitlines()[0][:200])
+        return nullcontext(Callback())
+    name = f"{run['variant']} {run['fraction']:g} seed {run['seed']}"
+    setup = Setup(params={k: run[k] for k in ("variant", "fraction", "seed", "train_images")},
+                  tags={"variant": run["variant"]})
+    return StudyRecord(project, name, lambda: Where(MlflowClient().get_run(parent).info.experiment_id, parent),
+                       setup=setup, system_metrics=False)
 
 
 def log_study_summary(project: Path, parent: str | None, document: dict, files: list[Path]) -> None:

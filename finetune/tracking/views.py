@@ -18,12 +18,14 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from finetune.tracking.store import PIPELINE_TAG, find_parent, pipeline_experiment, use_store
+from finetune.train.lr_groups import BASE, HEAD, lr_group
 
 VIEW_TAG = "mlflow.sharedViewState."
 VALIDATION, TEST = "metrics.`selected.val_acc`", "metrics.`eval_accuracy`"
 # In this order (validation first, the registered model last), all fit beside MLflow's side
 # panels at 1,800 px; the Dataset column (the runs' inputs) is in MLflow's default view.
-COLUMNS = [VALIDATION, "metrics.`selected.val_acc_sd`", TEST, "params.`lr`", "params.`lr.head`", "attributes.`Models`"]
+COLUMNS = [VALIDATION, "metrics.`selected.val_acc_sd`", TEST, f"params.`{BASE.param}`",
+           f"params.`{lr_group(HEAD).param}`", "attributes.`Models`"]
 
 
 def ui_base(tracking_uri: str, ui_port: int) -> str:

@@ -1,30 +1,55 @@
-"""Augmentation on the device: the recipe's RandomResizedCrop + horizontal flip for a whole batch
-in one batched call, so that loader workers only slice bytes out of the memory-mapped decode cache.
+"""Train-time augmentation, all of it: the recipe's RandomResizedCrop + horizontal flip, drawn in
+one place (:func:`draw`) and applied on whichever of three paths the loaders pick
+(finetune/train/loaders.py):
 
-Each worker draws an image's crop box with torchvision's own ``RandomResizedCrop.get_params`` and
-its flip as ``RandomHorizontalFlip`` draws it: the same random numbers, in the same order, as
-``tensor_train_transform`` on the CPU, so both paths see the same boxes and flips for a seed. The
-worker copies only the box's pixels into a uint8 canvas (one per batch, as large as its largest
-box); on the device ``torchvision.ops.roi_align`` (``aligned=True``) resizes every box to the crop
-size, then the flagged images are flipped and the batch is normalised.
+| path   | runs when                        | a loader worker                        | the training process            |
+|--------|----------------------------------|----------------------------------------|---------------------------------|
+| PIL    | ``decode_cache: false``          | reads the file, then                   | copies the float batch          |
+|        |                                  | :func:`train_transform`: draw, apply,  |                                 |
+|        |                                  | normalise                              |                                 |
+| cache  | ``decode_cache: true`` and       | :func:`tensor_train_transform` on a    | copies the uint8 batch,         |
+|        | ``augment_on: cpu`` (``auto``    | cached uint8 image: draw, apply        | normalises it (to_device)       |
+|        | off CUDA)                        |                                        |                                 |
+| device | ``decode_cache: true`` and       | :class:`CropDataset`: draw, slice the  | :func:`augment_batch`: copy,    |
+|        | ``augment_on: device`` (``auto`` | box's bytes out of the cache           | :func:`crop_resize` (roi_align, |
+|        | on CUDA)                         |                                        | flip), normalise                |
 
-roi_align's bilinear samples at bin centres are exactly those of a bilinear resize
+(:func:`augment_where` reads ``augment_on``; the loaders build the datasets accordingly.)
+
+Every path draws an image's parameters with :func:`draw` alone, once per image, from torch's
+global generator (which the DataLoader seeds in each worker from the training seed): the same
+seed gives the same boxes and flips on every path, and the same ones as torchvision's
+``RandomResizedCrop`` + ``RandomHorizontalFlip``. PIL images and uint8 tensors are then
+transformed by one function (:func:`apply`, torchvision's v2 kernels take both); device batches
+by :func:`crop_resize`. tests/train/test_augment_equivalence.py checks that the three agree.
+
+To add an op: draw its random parameters in :func:`draw` (a new field of :class:`Draw`, drawn
+after the existing ones, so that a seed keeps its boxes); apply it in :func:`apply` and in
+:func:`crop_resize` (carry what it needs in :class:`CropBatch`, filled by :func:`collate_crops`);
+then add it to the equivalence test.
+
+On the device, roi_align's bilinear samples at bin centres are exactly those of a bilinear resize
 (``align_corners=False``) when enlarging; when shrinking it averages ``ceil(box / crop)`` samples
-per bin and axis, a box filter close to torchvision's antialiased resize (tests/train/test_augment.py
-states how close).
+per bin and axis, a box filter close to torchvision's antialiased resize (tests/train/
+test_augment.py states how close). The evaluation transform is not here: it is the served
+model's too (finetune/data/portable.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as F
 
 from finetune.data.decoded import DecodedDataset, normalize
+from finetune.data.portable import to_network_input
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults: the recipe's
 FLIP_P = 0.5
@@ -45,12 +70,55 @@ def augment_where(setting: str, decode_cache: bool, device_type: str) -> str:
     return setting
 
 
-def draw_box(height: int, width: int) -> tuple[int, int, int, int, bool]:
-    """(top, left, box height, box width, flip) of one image, drawn as tensor_train_transform draws them."""
+class Draw(NamedTuple):
+    """One image's random parameters: its crop box in pixels, and whether it is flipped."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def draw(height: int, width: int) -> Draw:
+    """The parameters of one ``height`` x ``width`` image, drawn as torchvision's
+    RandomResizedCrop then RandomHorizontalFlip draw them (the same random numbers, in order)."""
     shape_only = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads the shape, no pixels
     top, left, box_h, box_w = transforms.RandomResizedCrop.get_params(shape_only, list(SCALE), list(RATIO))
-    flip = bool(torch.rand(1) < FLIP_P)  # v2.RandomHorizontalFlip: flips unless rand(1) >= p
-    return top, left, box_h, box_w, flip
+    flip = bool(torch.rand(1) < FLIP_P)  # RandomHorizontalFlip: flips when rand(1) < p
+    return Draw(top, left, box_h, box_w, flip)
+
+
+def apply(image: Image.Image | torch.Tensor, params: Draw, size: int) -> Image.Image | torch.Tensor:
+    """``image`` (PIL, or uint8 CHW) cropped to the drawn box, resized to ``size`` x ``size``
+    (bilinear, antialiased) and flipped if drawn; the same type comes back."""
+    out = F.resized_crop(image, params.top, params.left, params.height, params.width, [size, size],
+                         antialias=True)
+    return F.horizontal_flip(out) if params.flip else out
+
+
+class RandomCropFlip:
+    """The recipe's augmentation of one image (PIL, or uint8 CHW): :func:`draw`, then :func:`apply`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        height, width = F.get_size(image)
+        return apply(image, draw(height, width), self.size)
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip(size={self.size})"
+
+
+def train_transform(crop: int) -> transforms.Compose:
+    """The PIL path: a PIL image augmented, then a float CHW normalised with ImageNet statistics."""
+    return transforms.Compose([RandomCropFlip(crop), to_network_input()])
+
+
+def tensor_train_transform(crop: int) -> RandomCropFlip:
+    """The cache path: a cached uint8 CHW image augmented, still uint8 (normalised on the device)."""
+    return RandomCropFlip(crop)
 
 
 @dataclass
@@ -77,8 +145,8 @@ class CropBatch:
 
 
 class CropDataset(Dataset):
-    """(box pixels as a uint8 HWC array, label, flip) of the decode cache's train images; its
-    ``collate`` makes the DataLoader's batches :class:`CropBatch`."""
+    """The device path's items: (box pixels as a uint8 HWC array, label, flip) of the decode
+    cache's train images; its ``collate`` makes the DataLoader's batches :class:`CropBatch`."""
 
     def __init__(self, decoded: DecodedDataset, size: int) -> None:
         self.decoded, self.size = decoded, size
@@ -88,7 +156,7 @@ class CropDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, bool]:
         image = self.decoded.image(index)  # a view of the memory map: nothing is read yet
-        top, left, box_h, box_w, flip = draw_box(image.shape[0], image.shape[1])
+        top, left, box_h, box_w, flip = draw(image.shape[0], image.shape[1])
         return image[top:top + box_h, left:left + box_w], self.decoded.labels[index], flip
 
     def collate(self, items: list[tuple[np.ndarray, int, bool]]) -> tuple[CropBatch, torch.Tensor]:
@@ -131,5 +199,6 @@ def crop_resize(batch: CropBatch) -> torch.Tensor:
 
 
 def augment_batch(batch: CropBatch, device: torch.device) -> torch.Tensor:
-    """A :class:`CropBatch` copied to ``device``, cropped, resized, flipped and normalised there."""
+    """The device path's last step: a :class:`CropBatch` copied to ``device``, cropped, resized,
+    flipped and normalised there."""
     return normalize(crop_resize(batch.to(device)))

@@ -1,8 +1,8 @@
 """What ``fit`` reports, and to whom: per-epoch stats handed to callback objects.
 
-Tracking (MLflow, in finetune/tracking/runs.py) and anything else that watches a training is a
-:class:`Callback` handed to ``fit`` (as DVCLive's and fastai's callbacks are), so the loop itself
-knows nothing of where its numbers go.
+Tracking (one record per training, finetune/tracking/runs.py) and anything else that watches a
+training is a :class:`Callback` handed to ``fit`` (as DVCLive's and fastai's callbacks, or
+Lightning's loggers, are), so the loop itself knows nothing of where its numbers go.
 """
 
 from __future__ import annotations
@@ -39,3 +39,7 @@ class Callback:
 
     def on_fit_end(self, history: list[EpochStats]) -> None:
         """After the last epoch (and its checkpoint)."""
+
+    def on_result(self, result: dict) -> None:
+        """Once the kept weights are scored outside the loop (the study's test split): the numbers
+        the training ends with (plain values by name)."""

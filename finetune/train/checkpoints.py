@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from finetune.files import write_atomic
+from finetune.core.files import write_atomic
 from finetune.train.callbacks import EpochStats
 from finetune.train.selection import Selection
 from finetune.train.strategy import unfreeze_for_epoch
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -168,6 +168,15 @@ def resume(state: dict, model, optimizer, cfg: TrainConfig, selection: Selection
         selection.load_state_dict(state["selection"])
     log.info("resuming: epoch %d of %d done", state["epoch"], cfg.epochs)
     return [EpochStats(**s) for s in state["history"]]
+
+
+def stored_for_watchers(state: dict | None) -> tuple[dict, list[EpochStats]]:
+    """What a checkpoint hands back to whoever watches its training (a tracking record): the
+    ``extra`` its training was saved with (e.g. the record's resume token) and the epochs so
+    far; ``({}, [])`` without a checkpoint."""
+    if not state:
+        return {}, []
+    return dict(state.get("extra") or {}), [EpochStats(**s) for s in state["history"]]
 
 
 def rng_state() -> dict:

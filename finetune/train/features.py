@@ -1,13 +1,15 @@
 """Cached features for frozen work: the head trains on backbone outputs computed once.
 
 Under ``strategy: freeze`` (and in the frozen epochs of ``gradual``) nothing below the head
-learns and every frozen BatchNorm normalises with its stored statistics, so the backbone maps
-an image view to the same features in every epoch. They are computed once per image and view
-(``feature_views`` random augmented views of each train image; the one view of each
-validation image), and each
-head epoch is a pass of the small output layer over a view's features: milliseconds instead of
-a pass of the whole network. Epoch ``e`` reads view ``(e - 1) mod views``, so with as many
-views as frozen epochs every epoch sees fresh augmentations, exactly as the live recipe.
+learns and every frozen module runs in inference mode, so the backbone maps an image view to
+the same features in every epoch. They are computed once per image and view (``feature_views``
+random augmented views of each train image; the one view of each validation image), and each
+head epoch is a pass of the network's top over a view's features: milliseconds instead of a pass
+of the whole network. What is backbone and what is top comes from the network's row of ARCHS
+(a ResNet's top is its output layer ``fc``; a MobileNet's or EfficientNet's, its ``classifier``,
+whose dropout and frozen hidden layer run in each head epoch as they would live). Epoch ``e``
+reads view ``(e - 1) mod views``, so with as many views as frozen epochs every epoch sees fresh
+augmentations, exactly as the live recipe.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from finetune.model.factory import top_of, top_removed
 from finetune.train.callbacks import EpochStats
 from finetune.train.distributed import Dist
 from finetune.train.health import predicted_classes
 from finetune.train.runtime import Runtime, autocast, to_device
-from finetune.train.strategy import group_lrs
+from finetune.train.strategy import group_lrs, train_mode
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,9 @@ class Features:
 
 
 def backbone(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The input of the output layer ``model.fc`` for ``images``."""
-    head = model.fc
-    model.fc = nn.Identity()
-    try:
+    """The backbone's features of ``images``: the input of the network's top (see ARCHS)."""
+    with top_removed(model):
         return model(images)
-    finally:
-        model.fc = head
 
 
 @torch.inference_mode()
@@ -91,22 +90,23 @@ def _everyone(pair: tuple[torch.Tensor, torch.Tensor], dist: Dist) -> tuple[torc
 
 
 def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: int):
-    """One epoch of the output layer over the cached features of view ``(epoch - 1) mod views``,
-    then its loss and accuracy on the cached features of each watched split. Every process
-    computes the same."""
+    """One epoch of the network's top (the output layer and what precedes it there) over the
+    cached features of view ``(epoch - 1) mod views``, then its loss and accuracy on the cached
+    features of each watched split. Every process computes the same."""
     lrs = group_lrs(optimizer)
     inputs, labels = features.train[(epoch - 1) % len(features.train)]
     loss_fn = nn.CrossEntropyLoss(reduction=cfg.loss)
     # The same order in every process (torchrun): a generator of its own, seeded by the epoch.
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     started = time.perf_counter()
-    model.fc.train()
+    top = top_of(model)
+    train_mode(top)
     total_loss, correct, seen = 0.0, 0, 0
     for step, first in enumerate(range(0, len(labels), cfg.batch_size)):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         batch = order[first:first + cfg.batch_size].to(inputs.device)
-        logits = model.fc(inputs[batch])
+        logits = top(inputs[batch])
         loss = loss_fn(logits, labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,9 +116,10 @@ def head_epoch(model, features: Features, optimizer, cfg: TrainConfig, epoch: in
         seen += len(batch)
     seconds = time.perf_counter() - started
     scores = {}
+    top.eval()  # scored as the live model is: no dropout
     with torch.inference_mode():
         for name, (inputs, labels) in features.watched.items():
-            probs = model.fc(inputs).float().softmax(1)
+            probs = top(inputs).float().softmax(1)
             loss_sum, right, n = split_scores(probs, labels)
             scores |= {f"{name}_loss": loss_sum / max(n, 1), f"{name}_acc": right / max(n, 1)}
             if name == "val":

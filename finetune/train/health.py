@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from finetune.errors import FinetuneError
+from finetune.core.errors import FinetuneError
 from finetune.train.callbacks import EpochStats
 
 log = logging.getLogger(__name__)

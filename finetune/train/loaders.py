@@ -11,24 +11,18 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from finetune.data.decoded import (
-    DecodedDataset,
-    Sizes,
-    cache_key,
-    ensure_cache,
-    tensor_eval_transform,
-    tensor_train_transform,
-)
-from finetune.data.images import FileListDataset, eval_transform, load_splits, train_transform
+from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache
+from finetune.data.images import FileListDataset, load_splits
 from finetune.data.lineage import data_version
-from finetune.train.augment import CropDataset, augment_where
+from finetune.data.portable import eval_transform
+from finetune.train.augment import CropDataset, augment_where, tensor_train_transform, train_transform
 from finetune.train.distributed import SINGLE, Dist
 from finetune.train.recipe import fit_recipe
 from finetune.train.runtime import pick_device, worker_count
 from finetune.train.subsets import split_validation
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import Params, TrainConfig
+    from finetune.core.config import Params, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -71,7 +65,8 @@ def loaders(params: Params, cfg: TrainConfig, root: Path, files_csv: Path, pin: 
     if subset is not None:
         train_idx = subset(train_files.labels, train_idx)
     cfg = fit_recipe(cfg, len(train_idx), key.rsplit(".", 1)[0])
-    crops = None  # augment_on device: workers slice boxes, to_device crops them (finetune/train/augment.py)
+    # Which augmentation path runs (PIL, cache or device): the table of finetune/train/augment.py.
+    crops = None  # augment_on device: workers slice boxes, to_device crops them
     if cfg.decode_cache:
         train_ds, val_ds, test_ds = decoded_splits(params, train_files, test_ds, project, dist, test)
         if augment_where(cfg.augment_on, cfg.decode_cache, pick_device(cfg.device).type) == "device":
@@ -116,5 +111,5 @@ def decoded_splits(params: Params, train_ds, test_ds, project: Path, dist: Dist 
         ensure_cache(folder, train_ds, test_ds, sizes, workers, with_test)
     dist.barrier()
     return (DecodedDataset(folder, "train", train_ds.labels, tensor_train_transform(m.train_crop)),
-            DecodedDataset(folder, "train", train_ds.labels, tensor_eval_transform(sizes)),
+            DecodedDataset(folder, "train", train_ds.labels, sizes.eval_crop()),
             DecodedDataset(folder, "test", test_ds.labels) if with_test else None)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune.progress import Progress
+from finetune.core.progress import Progress
 from finetune.train.callbacks import Callback, EpochStats
 from finetune.train.checkpoints import CheckpointWriter, resume, rng_state
 from finetune.train.compiling import (
@@ -61,7 +61,7 @@ from finetune.train.strategy import (
 )
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 log = logging.getLogger(__name__)
 EPOCH_QUIET_S = 15.0  # off a terminal, progress lines inside an epoch at most this often
@@ -121,7 +121,8 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     Checkpoints go to ``out_dir`` after the last epoch and after every epoch that ends
     ``cfg.checkpoint_every_s`` after the last checkpoint (rank 0 only; written in the background
     while the next epoch trains, and on disk when ``fit`` returns), tagged with ``fingerprint``
-    (settings, data, starting weights) and holding ``extra`` (e.g. the MLflow run id).
+    (settings, data, starting weights) and holding ``extra`` (e.g. the tracking record's resume
+    token, opaque here).
     Each of ``callbacks`` gets every epoch's stats before its checkpoint is written (so that a
     crash in between repeats the epoch rather than losing its record), and the history at the
     end (tracking arrives this way: see finetune/train/callbacks.py). Epochs with a frozen
@@ -132,7 +133,7 @@ def fit(model: nn.Module, data: Loaders, cfg: TrainConfig, runtime: Runtime, out
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
-    freeze(model, initial_frozen(cfg))
+    freeze(model, initial_frozen(model, cfg))
     optimizer = make_optimizer(model, cfg)
     selection = Selection.of(cfg)
     history = resume(checkpoint, model, optimizer, cfg, selection) if checkpoint else []

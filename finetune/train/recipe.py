@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 log = logging.getLogger(__name__)
 AUTO_MAX_BATCH = 128  # the book's batch: auto never goes above it

@@ -17,7 +17,7 @@ from finetune.data.decoded import normalize
 from finetune.train.augment import CropBatch, augment_batch
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import Params, TrainConfig
+from finetune.core.config import Params, TrainConfig
+from finetune.core.errors import ConfigError, FinetuneError
 from finetune.data.images import load_splits
-from finetune.errors import ConfigError, FinetuneError
 from finetune.model.factory import build_model, weights_path
 from finetune.train.health import COLLAPSED, DIVERGED, TrainingFailed
 from finetune.train.loaders import loaders

@@ -20,7 +20,7 @@ from torch import nn
 from finetune.train.callbacks import EpochStats
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The strategy: which blocks train, at which learning rates, and when (the book's full fine-tune,
 Keras' frozen backbone, and gradual unfreezing at a low lr). Small documented steps that ``fit``
-composes, as fastai's ``fine_tune`` does.
+composes, as fastai's ``fine_tune`` does. The head and the blocks are those of the network's own
+row of ARCHS (finetune/model/archs.py), whatever its architecture.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from finetune.model.archs import BLOCKS
-from finetune.model.factory import block_modules
+from finetune.model.factory import arch_of, block_modules, head_of
+from finetune.train.lr_groups import ALL, BODY, HEAD
 
 if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench --no-pipeline)
-    from finetune.config import TrainConfig
+    from finetune.core.config import TrainConfig
 
 # --- freezing -------------------------------------------------------------------------------------
 
@@ -24,14 +25,15 @@ if TYPE_CHECKING:  # annotations only: the trainer runs without pydantic (bench 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float | None) -> list[dict]:
     """Trainable parameters: ``body`` at ``lr`` and ``head`` at ``lr * head_lr_mult``, or one
     group ``all`` when ``head_lr_mult`` is None. Empty groups are left out."""
-    head = [p for p in model.fc.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in model.fc.parameters()}
+    output = head_of(model)
+    head = [p for p in output.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in output.parameters()}
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     if head_lr_mult is None:
-        groups = [{"name": "all", "params": body + head, "lr": lr}]
+        groups = [{"name": ALL, "params": body + head, "lr": lr}]
     else:
-        groups = [{"name": "body", "params": body, "lr": lr},
-                  {"name": "head", "params": head, "lr": lr * head_lr_mult}]
+        groups = [{"name": BODY, "params": body, "lr": lr},
+                  {"name": HEAD, "params": head, "lr": lr * head_lr_mult}]
     return [g for g in groups if g["params"]]
 
 
@@ -52,32 +54,38 @@ def _set_trainable(model: nn.Module, names: Iterable[str], trainable: bool) -> N
                 param.requires_grad_(trainable)
 
 
-def frozen_batchnorm_eval(model: nn.Module) -> None:
-    """Put every BatchNorm layer whose parameters are all frozen into inference mode.
+def frozen_eval(model: nn.Module) -> None:
+    """Put every module whose parameters are all frozen into inference mode, with all inside it.
 
     Call after ``model.train()``: as the Keras transfer-learning guide warns, a frozen BatchNorm
-    must keep normalising with its stored statistics and must not update them. A BatchNorm
-    without parameters (``affine=False``) is left as it is: nothing says it is frozen.
+    must keep normalising with its stored statistics and must not update them. More widely, a
+    frozen block runs as the fixed function that Keras' ``training=False`` makes of a frozen base
+    model (no stochastic depth or dropout inside it), the function cached features are computed
+    with. A module without parameters (a dropout, an ``affine=False`` BatchNorm) is left as it is
+    unless a frozen module holds it: nothing says it is frozen (the dropout before a new head
+    keeps dropping, as in the Keras recipe).
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
+    params = list(model.parameters())
+    if params and not any(p.requires_grad for p in params):
+        model.eval()
+        return
+    for child in model.children():
+        frozen_eval(child)
 
 
 def train_mode(model: nn.Module) -> None:
-    """``model.train()``, with the frozen BatchNorm layers kept in inference mode."""
+    """``model.train()``, with the frozen modules (BatchNorm included) kept in inference mode."""
     model.train()
-    frozen_batchnorm_eval(model)
+    frozen_eval(model)
 
 
 # --- the optimiser, its schedule and the unfreezing plan -------------------------------------------
 
 
-def initial_frozen(cfg: TrainConfig) -> list[str]:
-    """Blocks frozen at the start: everything but the head for ``freeze`` and ``gradual``."""
-    return list(BLOCKS[1:]) if cfg.strategy in ("freeze", "gradual") else []
+def initial_frozen(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Blocks of ``model`` frozen at the start: every block below the head for ``freeze`` and
+    ``gradual``."""
+    return list(arch_of(model).unfreezable) if cfg.strategy in ("freeze", "gradual") else []
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 
 
 def _by_class(labels: Sequence[int], indices: Sequence[int], seed: int) -> dict[int, np.ndarray]:

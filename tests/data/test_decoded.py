@@ -1,5 +1,6 @@
 """The decode cache: built once, exact test crops, train images shrunk with their aspect ratio,
-the recipe's crop distribution on tensors, memory-mapped reads, rebuilt when the data changes."""
+memory-mapped reads, rebuilt when the data changes. (Its train augmentation, which draws the
+recipe's crops: tests/train/test_augment.py.)"""
 
 from __future__ import annotations
 
@@ -12,18 +13,11 @@ import pytest
 import torch
 from images import photo
 from torchvision import transforms
-from torchvision.transforms import v2
 
-from finetune.data.decoded import (
-    DecodedDataset,
-    Sizes,
-    cache_key,
-    ensure_cache,
-    normalize,
-    shrink,
-    tensor_train_transform,
-)
-from finetune.data.images import IMAGENET_MEAN, IMAGENET_STD, FileListDataset, load_image
+from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache, normalize, shrink
+from finetune.data.images import FileListDataset
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, load_image
+from finetune.train.augment import tensor_train_transform
 
 SIZES = [(90, 40), (40, 90), (64, 64), (20, 30)]
 
@@ -108,18 +102,6 @@ def test_dataset_pickles_without_its_arrays(tmp_path):
     assert copy._data is None
     image, _ = copy[2]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tensor_augmentation_draws_the_recipes_crops(seed):
-    """v2 on uint8 tensors takes the same random boxes as the book's PIL transform."""
-    image = photo(seed, (80, 60))
-    torch.manual_seed(seed)
-    box_v1 = transforms.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
-    torch.manual_seed(seed)
-    crop = v2.RandomResizedCrop(24, antialias=True)
-    params = crop.make_params([torch.zeros(3, 60, 80, dtype=torch.uint8)])
-    assert (params["top"], params["left"], params["height"], params["width"]) == box_v1
 
 
 def test_shrink_never_enlarges_and_normalize_matches_the_float_transform():

@@ -1,4 +1,5 @@
-"""Preprocessing: the recipe's transforms, images of every mode to RGB, the validated file list."""
+"""Preprocessing: the evaluation transform, images of every mode to RGB, the validated file list.
+(The train transform is tests/train/test_augment.py's.)"""
 
 from __future__ import annotations
 
@@ -6,35 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from images import ODDITIES, write_dataset
+from images import ODDITIES, photo, write_dataset
 from PIL import Image
+from torchvision import transforms
 
-from finetune.data.images import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FileListDataset,
-    eval_transform,
-    load_image,
-    load_splits,
-    train_transform,
-)
-from finetune.errors import FinetuneError
-
-
-def test_train_transform_crops_flips_and_normalises():
-    grey = Image.new("RGB", (80, 60), (128, 128, 128))
-    tensor = train_transform(32)(grey)
-    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
-    expected = torch.tensor([(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
-    assert torch.allclose(tensor.mean((1, 2)), expected, atol=0.02)
-
-
-def test_train_transform_is_random():
-    image = Image.new("RGB", (64, 64))
-    image.paste((255, 255, 255), (0, 0, 32, 64))  # white left half: crops and flips move it
-    torch.manual_seed(0)
-    outputs = [train_transform(16)(image) for _ in range(6)]
-    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])
+from finetune.data.images import FileListDataset, load_image, load_splits
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from finetune.core.errors import FinetuneError
+from finetune.train.augment import train_transform
 
 
 def test_squash_keeps_the_whole_width_and_aspect_crops_the_middle():
@@ -48,6 +28,17 @@ def test_squash_keeps_the_whole_width_and_aspect_crops_the_middle():
     assert aspect[2, :, :5].mean() < 0  # cropped away: red there
     with pytest.raises(ValueError, match="squash or aspect"):
         eval_transform(64, 56, "stretch")
+
+
+@pytest.mark.parametrize(("mode", "resize"), [("squash", (64, 64)), ("aspect", 64)])
+def test_eval_transform_is_the_classic_transform_pixel_for_pixel(mode, resize):
+    """What evaluation, prediction and every registered model see: torchvision's classic Resize,
+    CenterCrop, ToTensor and Normalize, exactly (its geometry is v2, for the cache's tensors)."""
+    classic = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(56), transforms.ToTensor(),
+                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    for seed, size in enumerate([(200, 100), (77, 131), (56, 56), (40, 30)]):
+        image = photo(seed, size)
+        assert torch.equal(eval_transform(64, 56, mode)(image), classic(image))
 
 
 @pytest.mark.parametrize("name", sorted(ODDITIES))

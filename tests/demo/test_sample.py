@@ -16,8 +16,8 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from finetune.config import load_params
-from finetune.data.fetch import fetch
+from finetune.core.config import load_params
+from finetune.ingest.fetch import fetch
 from finetune.demo.sample import MOTIF_SHAPES, NEGATIVE_KINDS, class_names, write_sample_archive
 from finetune.evaluate.metrics import mcnemar
 from finetune.demo.workspace import write_params
@@ -159,6 +159,7 @@ def small_cnn(num_classes: int) -> torch.nn.Module:
                                torch.nn.Linear(64, num_classes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("num_classes", "train", "least"), [(2, 150, 0.75), (4, 60, 0.6)])
 def test_a_small_cnn_learns_the_classes(tmp_path, num_classes, train, least):
     torch.manual_seed(0)
@@ -168,6 +169,7 @@ def test_a_small_cnn_learns_the_classes(tmp_path, num_classes, train, least):
     assert accuracy(model, x_test, y_test) >= least
 
 
+@pytest.mark.slow
 def test_mean_colour_alone_does_not_give_the_class_away(tmp_path):
     """The hot-dog task is about shape: a model that sees only an image's average colour fails."""
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.data.lineage import git_commit
 from finetune.demo.workspace import project_files, record_run, stage_env, sync_workspace, write_params
 

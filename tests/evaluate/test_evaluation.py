@@ -81,6 +81,7 @@ def evaluated(tmp_path, monkeypatch):
     return project, results, comparison
 
 
+@pytest.mark.slow
 def test_evaluate_stage_writes_metrics_plots_and_report(evaluated):
     project, results, comparison = evaluated
     cfg = params(project).evaluate
@@ -120,6 +121,7 @@ def test_evaluate_stage_writes_metrics_plots_and_report(evaluated):
     assert "](../plots/evaluate/errors_finetune.png)" in report
 
 
+@pytest.mark.slow
 def test_evaluation_is_logged_to_the_parent_and_variant_runs(evaluated):
     from mlflow.tracking import MlflowClient
 
@@ -150,7 +152,7 @@ def test_misclassified_are_ordered_most_confident_first():
 
 
 def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):
-    from finetune.errors import FinetuneError
+    from finetune.core.errors import FinetuneError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = project_with_data(tmp_path / "p", {"hotdog": 1, "not-hotdog": 1})
@@ -168,7 +170,7 @@ def test_evaluate_refuses_models_of_other_classes(tmp_path, monkeypatch):
 def test_a_model_that_scores_nan_is_a_clear_error_and_leaves_the_outputs(tmp_path, monkeypatch):
     import torch
 
-    from finetune.errors import FinetuneError
+    from finetune.core.errors import FinetuneError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = project_with_data(tmp_path / "p", {"hotdog": 2, "not-hotdog": 2})

@@ -27,5 +27,17 @@ def test_the_verdict_names_the_winner_the_gap_and_the_evidence(finetune, scratch
 
 
 def test_the_comparison_opens_with_the_verdict():
-    lines = comparison_lines(document(0.9, 0.8, 0.001))
-    assert lines[0] == f"**Verdict**: {verdict_line(document(0.9, 0.8, 0.001))}"
+    """The report's comparison starts with the bold verdict sentence, then the metrics table with
+    its delta, and ends with the McNemar sentence (no chance table: the document has no floor)."""
+    assert comparison_lines(document(0.9, 0.8, 0.001)) == [
+        "**Verdict**: finetune beats scratch on test accuracy: 0.900 vs 0.800 (+10.0 points on 400 test images); "
+        "McNemar p = 0.001, unlikely to be luck.",
+        "",
+        "| metric | finetune | scratch | delta (finetune − scratch) |",
+        "|---|---|---|---|",
+        "| accuracy | 0.9000 | 0.8000 | +0.1000 |",
+        "",
+        "",
+        "**McNemar (exact)**: of 400 test images the models disagree on 10; only finetune is right on 8, only "
+        "scratch on 2. p = 0.001: the difference is unlikely to be luck (p < 0.05).",
+    ]

@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import REPO
 
-from finetune.config import NotifyConfig, load_params
+from finetune.core.config import NotifyConfig, load_params
 from finetune.demo.workspace import write_params
 from flows.lock import WorkspaceBusy, workspace_lock
 from flows.notify import notify
@@ -56,7 +56,7 @@ def test_a_failing_or_invalid_url_is_logged_not_raised(webhook, caplog):
 
 
 def test_the_old_webhook_url_key_says_what_replaced_it(tmp_path):
-    from finetune.errors import ConfigError
+    from finetune.core.errors import ConfigError
 
     text = (REPO / "params.yaml").read_text().replace("  urls: []", "  webhook_url: https://hooks.example.org/x", 1)
     (tmp_path / "params.yaml").write_text(text)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tree_digest
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import sync_workspace, write_params
 from flows.plan import stage_order
 
@@ -108,13 +108,14 @@ def test_stage_order_follows_the_dag(tmp_path):
     order = stage_order(workspace)
     study = [f"study@{seed}" for seed in load_params(workspace / "params.yaml").study.seeds]
     assert sorted(order) == sorted(["count", "evaluate", "fetch", "pretrain", "register", "search@finetune",
-                                    "search@scratch", "train@finetune", "train@scratch", "validate", "study-report",
-                                    *study])
+                                    "search@scratch", "train@finetune", "train@scratch", "validate", "study_plan",
+                                    "study_report", *study])
     before = {"validate": ["fetch"], "count": ["validate"], "search@finetune": ["validate", "pretrain"],
-              "search@scratch": ["validate", "pretrain"], "train@finetune": ["search@finetune"],
+              "search@scratch": ["validate"], "train@finetune": ["search@finetune"],
               "train@scratch": ["search@scratch"], "evaluate": ["train@finetune", "train@scratch"],
-              "register": ["evaluate"], "study-report": study}
+              "register": ["evaluate"], "study_plan": ["search@finetune", "search@scratch"],
+              **{seed: ["study_plan"] for seed in study}, "study_report": study}
     for stage, upstream in before.items():
         assert all(order.index(u) < order.index(stage) for u in upstream), order
     # The study comes after everything it does not feed: the candidate is registered first.
-    assert order[-len(study) - 1:] == [*study, "study-report"], order
+    assert order[-len(study) - 2:] == ["study_plan", *study, "study_report"], order

@@ -77,6 +77,7 @@ def assert_clean(root: Path, processes: list[psutil.Process]) -> None:
     assert not alive, [(p.pid, p.cmdline()) for p in alive]
 
 
+@pytest.mark.slow
 def test_a_stopped_stage_fails_the_flow_at_its_timeout(tmp_path, prefect_env, receiver):
     url, received = receiver
     root = workspace(tmp_path / "ws", url, "sleep", limit_s=8)

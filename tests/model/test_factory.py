@@ -12,12 +12,13 @@ import torchvision
 from images import write_content
 from torch import nn
 
-from finetune.errors import ConfigError
-from finetune.model.archs import ARCHS, BLOCKS
+from finetune.core.errors import ConfigError
+from finetune.model.archs import ARCHS
 from finetune.model.factory import WeightsError, block_modules, build_model, check_weights_reachable, imagenet_weights
 from finetune.train.strategy import freeze, param_groups, train_mode, unfreeze
 
 IMAGENET_FILE = "resnet18-f37072fd.pth"  # the file name in ResNet18_Weights.IMAGENET1K_V1.url
+BLOCKS = ARCHS["resnet18"].blocks  # fc, layer4, ..., stem
 
 
 @pytest.mark.parametrize("num_classes", [2, 5])
@@ -35,7 +36,7 @@ def test_every_registered_arch_gets_the_new_head(arch, features):
     model = build_model(arch, "none", 3).eval()  # eval: BatchNorm on a 1x1 map of one image
     assert (model.fc.in_features, model.fc.out_features) == (features, 3)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-    assert ARCHS[arch].blocks[0] == "fc" and set(ARCHS[arch].blocks) == set(BLOCKS)
+    assert ARCHS[arch].blocks == BLOCKS and ARCHS[arch].head == "fc"
 
 
 def test_imagenet_weights_load_through_torchvision_from_the_hub_cache(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import REPO
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from stack.postgres import cluster_folder, owner
 from stack.services import Ports, Stack, alive, descendants
 
@@ -47,9 +47,14 @@ def test_a_taken_port_is_refused_in_one_line_before_anything_starts(tmp_path):
 
 
 def test_down_on_a_stack_that_never_ran_stops_nothing(tmp_path):
-    done = stack_cli("down", "--root", str(tmp_path / "stack"))
+    """`down` with no state folder succeeds quietly: one line saying where the state would stay,
+    nothing on stderr, and no folder, pid file or PostgreSQL cluster made on the way."""
+    root = tmp_path / "stack"
+    done = stack_cli("down", "--root", str(root))
     assert done.returncode == 0, done.stderr
-    assert "stopped" in done.stdout
+    assert done.stdout == f"The stack is stopped; its state stays in {root.resolve()}.\n"
+    assert done.stderr == ""
+    assert not root.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_kill_stops_the_service_and_the_sessions_its_children_started(tmp_path):

@@ -8,50 +8,71 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import REPO, jpeg
 
-from finetune.cli import STAGES, main
+from finetune.cli import STAGES, main, stage_names
 from finetune.demo.workspace import stage_env, write_params
 
-ARGS = {"fetch": [], "validate": [], "pretrain": ["--out", "x"], "search": ["finetune", "--out", "s.json"],
+# The arguments each stage's command needs besides --params (dvc.yaml passes them); none: none needed.
+ARGS = {"pretrain": ["--out", "x"], "search": ["finetune", "--out", "s.json"],
         "train": ["finetune", "--out", "x", "--metrics", "m", "--plots", "p"],
         "evaluate": ["--models", "m", "--history", "h"], "register": ["--models", "m"],
-        "study": ["--seed", "0", "--out", "s.json"], "study-report": []}
+        "study_plan": ["--out", "plan.json"], "study": ["--seed", "0", "--out", "s.json"]}
 
 
-def module_name(stage: str) -> str:
-    """The module of a stage: `study-report` is finetune/stages/study_report.py."""
-    return stage.replace("-", "_")
+def pipeline() -> dict:
+    """dvc.yaml's stages as written (before templating: one entry per foreach stage)."""
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-def test_the_umbrella_knows_every_stage_module():
-    assert set(STAGES) == set(ARGS)
-    assert {module_name(s) for s in ARGS} == {p.stem for p in (REPO / "finetune" / "stages").glob("[a-z]*.py")}
+def test_the_umbrella_knows_every_stage_of_dvc_yaml_and_its_summary():
+    assert list(STAGES) == list(pipeline())
+    assert all(STAGES.values()), STAGES  # each stage's desc: in dvc.yaml
+    assert set(ARGS) <= set(STAGES)
 
 
-@pytest.mark.parametrize("stage", sorted(ARGS))
+@pytest.mark.parametrize("stage", sorted(pipeline()))
+def test_each_stage_runs_the_module_named_like_it(stage):
+    definition = pipeline()[stage]
+    command = (definition.get("do") or definition)["cmd"]
+    assert command.startswith(f"python -m finetune.stages.{stage}")
+    assert stage in stage_names()
+
+
+def test_the_stages_are_found_where_no_dvc_yaml_is(tmp_path):
+    """Installed as a package (no checkout around it), the umbrella still knows every stage."""
+    code = ("import finetune.cli as cli; cli.PIPELINE_FILES = (); "
+            "print(' '.join(cli.stage_summaries()))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert sorted(result.stdout.split()) == sorted(pipeline())
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_both_doors_print_the_stages_own_help(stage, capsys):
-    module = importlib.import_module(f"finetune.stages.{module_name(stage)}")
+    module = importlib.import_module(f"finetune.stages.{stage}")
     with pytest.raises(SystemExit) as direct:
         module.main(["--help"])
     own = capsys.readouterr().out
     with pytest.raises(SystemExit) as umbrella:
         main([stage, "--help"])
     assert direct.value.code == umbrella.value.code == 0
-    assert own == capsys.readouterr().out and f"python -m finetune.stages.{module_name(stage)}" in own
+    assert own == capsys.readouterr().out and f"python -m finetune.stages.{stage}" in own
 
 
-@pytest.mark.parametrize("stage", sorted(ARGS))
+@pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_missing_params_file_is_one_paragraph_from_either_door(stage, tmp_path, capsys):
     missing = tmp_path / "nowhere.yaml"
-    assert main(["--params", str(missing), stage, *ARGS[stage]]) == 1
+    assert main(["--params", str(missing), stage, *ARGS.get(stage, [])]) == 1
     message = capsys.readouterr().err
     assert message.startswith(f"error: {missing} not found") and "Traceback" not in message
-    module = importlib.import_module(f"finetune.stages.{module_name(stage)}")
-    assert module.main(["--params", str(missing), *ARGS[stage]]) == 1
+    module = importlib.import_module(f"finetune.stages.{stage}")
+    assert module.main(["--params", str(missing), *ARGS.get(stage, [])]) == 1
     assert capsys.readouterr().err == message
 
 
+@pytest.mark.slow
 def test_a_stage_module_runs_as_a_script():
     result = subprocess.run([sys.executable, "-m", "finetune.stages.register", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
@@ -77,13 +98,13 @@ PROBE = ("import runpy, sys\n"
     ("evaluate", {"model.weights": "photo.jpg"}, "model.weights: "),
     ("register", {"model.arch": "resnet81"}, "model.arch"),
     ("study", {"study.fractions": [0.5, 0.25]}, "study.fractions"),
-    ("study-report", {"model.arch": "resnet81"}, "model.arch"),
+    ("study_report", {"model.arch": "resnet81"}, "model.arch"),
 ])
 def test_a_wrong_model_setting_stops_the_stage_before_torch_and_mlflow_load(tmp_path, stage, overrides, named):
     (tmp_path / "photo.jpg").write_bytes(jpeg((200, 40, 40)))
     write_params(REPO / "params.yaml", tmp_path / "params.yaml", overrides)
-    code = PROBE.replace("MODULE", repr(f"finetune.stages.{module_name(stage)}"))
-    result = subprocess.run([sys.executable, "-c", code, "-", *ARGS[stage]], cwd=tmp_path, capture_output=True,
+    code = PROBE.replace("MODULE", repr(f"finetune.stages.{stage}"))
+    result = subprocess.run([sys.executable, "-c", code, "-", *ARGS.get(stage, [])], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.stdout.strip() == "exit 1 False False", result.stdout + result.stderr
     assert result.stderr.startswith("error: ") and named in result.stderr and "Traceback" not in result.stderr
@@ -92,7 +113,7 @@ def test_a_wrong_model_setting_stops_the_stage_before_torch_and_mlflow_load(tmp_
 EXIT_NOW = """
 import atexit, logging, sys, threading, time
 from pathlib import Path
-from finetune.command import exit_now
+from finetune.core.command import exit_now
 out = Path(sys.argv[1])
 atexit.register(lambda: (out / "atexit").write_text("ran"))
 def late():
@@ -138,6 +159,7 @@ GC_PROBE = ("import gc, importlib, runpy, sys\n"
             "    print('exit', exit.code, gc.isenabled(), gc.get_freeze_count() > 0, 'torch' in sys.modules)\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("run_name", "frozen"), [("__main__", True), ("imported", False)])
 def test_a_stage_run_as_a_script_sets_its_imports_aside_from_the_garbage_collector(run_name, frozen):
     """Run (python -m), the stage imports torch and MLflow with the collector off, then freezes

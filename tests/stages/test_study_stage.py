@@ -7,10 +7,11 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 from train.test_training import make_project, tiny_train
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.stages.search import search_variant
 from finetune.stages.study import run_seed
 from finetune.stages.study_report import report
@@ -19,6 +20,7 @@ STUDY = {"study.enabled": True, "study.seeds": [0, 1], "study.fractions": [0.5, 
          **{k.replace("train.finetune.", "train.scratch."): v for k, v in tiny_train(epochs=1).items()}}
 
 
+@pytest.mark.slow
 def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = make_project(tmp_path / "p", train=4, test=2, **STUDY)
@@ -40,7 +42,7 @@ def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path,
     assert all(len(r["right"]) == 4 and r["test_acc"] == sum(r["right"]) / 4 for r in runs)
     assert seeds[0]["parent_run"] == seeds[1]["parent_run"]  # one study, whichever seed came first
 
-    # study-report runs in a process of its own: it must find the project's store itself
+    # study_report runs in a process of its own: it must find the project's store itself
     mlflow.set_tracking_uri((tmp_path / "elsewhere").as_uri())
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # which set_tracking_uri sets: a new process has neither
     document = report(params, project)
@@ -67,6 +69,15 @@ def test_the_study_trains_each_seed_and_fraction_and_reports_the_curve(tmp_path,
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 8 and all(c.info.status == "FINISHED" for c in children)
+    # Each training recorded as it trained (one training record): its curves and lrs per epoch,
+    # its test accuracy and the kept epoch at the end, in words as its description.
+    child = next(c for c in children if c.info.run_name == "finetune 0.5 seed 0")
+    assert child.data.params["fraction"] == "0.5" and child.data.params["train_images"] == "2"
+    assert {"train_loss", "val_acc", "lr", "test_acc", "selected_epoch"} <= child.data.metrics.keys()
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1]
+    (record,) = [r for r in seeds[0]["runs"] if (r["variant"], r["fraction"]) == ("finetune", 0.5)]
+    assert child.data.metrics["test_acc"] == record["test_acc"]
+    assert child.data.tags["mlflow.note.content"].startswith(f"finetune 0.5 seed 0: test accuracy {record['test_acc']:.3f}")
     assert parent.data.tags["mlflow.note.content"] == document["verdict"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "study")} == {"study/curve.png",
                                                                                     "study/study.md"}
@@ -83,7 +94,7 @@ def test_a_disabled_study_trains_nothing_and_says_so(tmp_path, monkeypatch):
 
 
 def test_the_study_report_tests_each_fraction_against_the_test_splits_chance(tmp_path):
-    """study-report on hand-made seed files: chance is the largest test class's share in
+    """study_report on hand-made seed files: chance is the largest test class's share in
     validate.files (3 of 4), and a fraction where a variant is at chance names no winner."""
     from conftest import REPO
 

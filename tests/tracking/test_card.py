@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from conftest import REPO
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.tracking.card import changed_settings, with_judgment
 from finetune.evaluate.report import study_verdict
@@ -36,7 +36,7 @@ def test_no_study_line_unless_a_study_ran(tmp_path):
     write_params(REPO / "params.yaml", tmp_path / "params.yaml", {"study.enabled": True})
     enabled = load_params(tmp_path / "params.yaml")
     assert study_verdict(enabled, tmp_path) is None  # no study ran yet
-    summary = tmp_path / enabled.study.plots / "summary.json"  # what the study-report stage writes
+    summary = tmp_path / enabled.study.plots / "summary.json"  # what the study_report stage writes
     summary.parent.mkdir(parents=True)
     summary.write_text('{"verdict": "fine-tuning wins at every size.", "rows": []}')
     assert study_verdict(enabled, tmp_path) == "fine-tuning wins at every size."

@@ -65,6 +65,9 @@ def production(project: Path) -> str:
 
 
 def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
+    """Doctor names the repair of an unreadable production; the gate replaces it with a readable
+    candidate (plain or --force), never promotes an unreadable candidate, and after the named
+    re-registration promotes the repaired version on its score."""
     register(project, MISSES_TWO, MISSES_TWO, "v1")
     assert promote(params(project), project).action == "promoted"
     register(project, PERFECT, OTHER, "v2")
@@ -95,7 +98,12 @@ def test_an_unreadable_production_is_replaced_and_doctor_says_how(project):
     assert f"repair: {repair}" in broken.stdout
     fixed = cli(project, *repair.split()[2:])  # from the same model.pt, no training
     assert fixed.returncode == 0 and "registered as hotdog-classifier version 5 @candidate" in fixed.stdout, fixed.stderr
-    assert promote(params(project), project).action in ("promoted", "refused")  # v5 loads and is scored
+    # v5 is v4's PERFECT model.pt again, readable: scored 1.0 against production v3's 0.9 (MISSES_TWO),
+    # a gain above register.min_improvement (0.0): the plain gate promotes it.
+    again = promote(params(project), project)
+    assert again.action == "promoted" and production(project) == "5", again.reason
+    assert (again.candidate_score, again.production_score) == (1.0, 0.9)
+    assert again.reason.startswith("accuracy 1.0000 (candidate v5) vs 0.9000 (production v3) on the same test data")
 
 
 def test_a_lost_store_is_re_registered_without_retraining(project):

@@ -18,7 +18,7 @@ from conftest import free_port, start_server
 from mlflow.tracking import MlflowClient
 from train.test_training import make_project, paths, tiny_train
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.stages.train import train_variant
 from finetune.tracking import runs
 from finetune.tracking.store import HTTP_LIMITS, use_store
@@ -128,6 +128,7 @@ def project(tmp_path, monkeypatch) -> Path:
     return make_project(tmp_path / "project", **tiny_train(epochs=2))
 
 
+@pytest.mark.slow
 def test_an_unwritable_artifact_store_is_a_message_and_the_rerun_logs_results_once(project):
     # The local store keeps logged models under <experiment>/models/: a file there refuses the
     # final model only, after the epochs, the curves and the predictions went in.
@@ -170,16 +171,24 @@ def test_epochs_are_logged_once_however_often_they_are_offered(project):
 
 def test_a_run_continued_before_its_first_epoch_keeps_its_params_when_the_commit_moved(project):
     """A stop before the first epoch leaves a run with its params and no checkpoint: the rerun
-    continues that run and logs its setup again, at a new git commit (`make demo` refreshes its
-    workspace) that MLflow would refuse as a changed param."""
+    continues that run (run.json names it) and logs its setup again, at a new git commit (`make
+    demo` refreshes its workspace) that MLflow would refuse as a changed param."""
     params = load_params(project / "params.yaml")
     cfg = params.train["finetune"]
     settings = {"variant": "finetune", "train": cfg.model_dump(), "model": params.model.model_dump(mode="json"),
                 "classes": ["hotdog", "not-hotdog"], "weights": "none"}
-    use_store(project)
-    with mlflow.start_run() as run:
-        runs.log_setup(settings, cfg, "v1.dir", "commit-a", project, params, 8, 4)
-    with mlflow.start_run(run_id=run.info.run_id):
-        runs.log_setup(settings, cfg, "v1.dir", "commit-b", project, params, 8, 4)  # no MlflowException
-    logged = MlflowClient().get_run(run.info.run_id).data.params
+    out = project / "models" / "finetune"
+    out.mkdir(parents=True)
+    (out / "validation.csv").write_text("path,class\n")
+
+    def record(commit: str) -> runs.TrainingRecord:
+        seen = runs.VariantData("v1.dir", commit, 8, 4, out / "validation.csv")
+        return runs.variant_record(params, settings, cfg, project, out, "f", seen, {"device": "cpu"})
+
+    with record("commit-a") as first:
+        pass  # a stop before the first epoch: run.json names the run, unfinished
+    assert runs.read_run_file(out, "f") == first.token
+    with record("commit-b") as second:  # no MlflowException
+        assert second.token == first.token
+    logged = MlflowClient().get_run(first.token).data.params
     assert logged["git_commit"] == "commit-a" and logged["variant"] == "finetune"

@@ -20,7 +20,7 @@ from conftest import REPO
 from images import encode, photo
 from models import CLASSES, MODEL, biased
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.model.classifier import save_final
 from finetune.tracking import serving

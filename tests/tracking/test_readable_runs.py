@@ -23,7 +23,7 @@ from conftest import REPO
 from images import write_dataset
 from mlflow.tracking import MlflowClient
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.evaluate.report import verdict_line
 from finetune.stages.evaluate import EvalPaths, run_evaluate
@@ -261,6 +261,7 @@ def test_the_logged_model_loads_on_any_device(pipeline, device, tmp_path):
     assert torch.allclose(network(images.cpu()), model.cpu()(images.cpu()), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_every_run_names_the_data_it_used(pipeline):
     """Dataset inputs: the split, the DVC hash as digest, data.url as source, the use as context."""
     project, runs, _ = pipeline
@@ -276,6 +277,7 @@ def test_every_run_names_the_data_it_used(pipeline):
     assert [i.dataset.name for i in client.get_run(parent).inputs.dataset_inputs] == ["hotdog/test"]
 
 
+@pytest.mark.slow
 def test_the_printed_view_shows_both_variants_best_validation_first(pipeline):
     """The saved view that the run's closing lines link to: the pipeline's two trainings (no search
     trial, no other pipeline run) in the order the UI sorts them, with the columns a reviewer

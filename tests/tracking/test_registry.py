@@ -165,9 +165,15 @@ def test_the_gate_promotes_better_refuses_worse_and_equal_and_rollback_restores(
 
 
 def test_promote_without_a_candidate_says_what_to_run(project):
+    """With nothing registered, promote raises RegistryError naming the model, the missing
+    alias and the command that makes a candidate (`dvc repro register`), and moves nothing."""
     save_variant(project, "finetune", PERFECT, "x")  # creates the experiment, nothing registered
-    with pytest.raises(Exception, match="register"):
+    name = params(project).register_.model_name
+    with pytest.raises(RegistryError) as raised:
         promote(params(project), project)
+    assert str(raised.value) == (f"{name} has no version with the alias 'candidate': run the register stage first "
+                                 "(`dvc repro register`).")
+    assert promotion_log(params(project), project) == []  # no decision recorded: there was nothing to judge
 
 
 def test_promote_and_rollback_commands(project):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import free_port, jpeg, start_server, stop_server
 from images import ODDITIES, encode, huge_png, photo
-from models import MISSES_FAINT, params, project_with_data, save_variant
+from models import BLUE, FAINT, MEDIUM, MISSES_FAINT, RED, params, project_with_data, save_variant
 from PIL import Image
 
 from finetune.demo.workspace import stage_env
@@ -200,13 +200,38 @@ def test_leaks_finds_a_slice_of_the_request():
 
 
 def test_errors_grid_of_the_production_model(production):
+    """`finetune errors` draws the one test image production gets wrong, the faint hot dog
+    (hotdog/0005.jpg, colour FAINT), alone in the first tile of a one-row grid of 8, undistorted,
+    with its red caption above it: none of the 11 images it gets right appears."""
     project, env = production
     result = subprocess.run([sys.executable, "-m", "finetune", "errors"], cwd=project, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "1 of 12 test images misclassified" in result.stdout
     grid = project / params(project).evaluate.plots / "errors_production.png"
-    assert grid.read_bytes()[:4] == b"\x89PNG"
+    assert result.stdout.strip() == f"1 of 12 test images misclassified -> {grid.relative_to(project)}"
+    with Image.open(grid) as png:
+        assert png.format == "PNG"
+        # One row of 8 tiles at 110 dpi: 8 × 1.8 in wide, 2.1 + 0.4 in high.
+        assert png.size == (1584, 275)
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    tile = pixels.shape[1] // 8
+
+    def near(rgb, tolerance=6):
+        return (np.abs(pixels - np.array(rgb)) <= tolerance).all(axis=2)
+
+    faint = near((FAINT[0], 40 + 7 * 5, FAINT[1]))  # test hot dog 5 of 6 (coloured_jpeg's green)
+    ys, xs = np.nonzero(faint)
+    assert faint.sum() > 20_000 and xs.max() < tile  # drawn large, in the first tile only
+    width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    assert width / height == pytest.approx(48 / 40, rel=0.05)  # the 48 × 40 image, not stretched
+    # The 11 images it gets right are not drawn: hot dogs 0-3 red and 4 medium, the others blue.
+    for shade, i in [(RED, i) for i in range(4)] + [(MEDIUM, 4)] + [(BLUE, i) for i in range(6)]:
+        assert near((shade[0], 40 + 7 * i, shade[1])).sum() < 50, (shade, i)
+    caption = (pixels[..., 0] > 200) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # color="red"
+    cys, cxs = np.nonzero(caption)
+    assert caption.sum() > 100 and cxs.max() < tile and cys.max() < ys.min()  # above the image
+    below_title = pixels[40:, tile:]
+    assert (below_title >= 250).all()  # the other 7 tiles are empty
 
 
 def test_predict_without_a_production_model_says_what_to_do(tmp_path, mlflow_server):

@@ -1,5 +1,7 @@
-"""Augmentation on the device, on CPU tensors: the boxes and flips torchvision draws, the CPU
-path's shapes and dtype, torchvision's crop + resize within a tolerance, and a training with it."""
+"""Train augmentation (finetune/train/augment.py): one draw of torchvision's boxes and flips for
+every path; on the device, on CPU tensors: the CPU path's shapes and dtype, torchvision's crop +
+resize within a tolerance, and a training with it. The paths against each other:
+test_augment_equivalence.py."""
 
 from __future__ import annotations
 
@@ -7,14 +9,26 @@ import numpy as np
 import pytest
 import torch
 from images import photo
+from PIL import Image
 from test_training import fit_tiny, make_project
+from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from finetune.config import load_params
-from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache, normalize, tensor_train_transform
+from finetune.core.config import load_params
+from finetune.data.decoded import DecodedDataset, Sizes, cache_key, ensure_cache, normalize
 from finetune.data.images import FileListDataset
-from finetune.train.augment import CropBatch, CropDataset, augment_where, collate_crops, crop_resize, draw_box
+from finetune.data.portable import IMAGENET_MEAN, IMAGENET_STD
+from finetune.train.augment import (
+    CropBatch,
+    CropDataset,
+    augment_where,
+    collate_crops,
+    crop_resize,
+    draw,
+    tensor_train_transform,
+    train_transform,
+)
 from finetune.train.loaders import loaders
 from finetune.train.runtime import Runtime, to_device
 
@@ -44,8 +58,9 @@ def cache(tmp_path) -> DecodedDataset:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_workers_draw_torchvisions_boxes_and_flips(cache, seed):
-    """The device path draws, item by item, exactly the boxes and flips of the CPU path's v2 transform."""
+def test_draws_are_torchvisions_boxes_and_flips(cache, seed):
+    """Every path's draw is, item by item, exactly the boxes and flips of torchvision's v2
+    RandomResizedCrop + RandomHorizontalFlip."""
     cpu, device = [], []
     torch.manual_seed(seed)
     for i in range(len(cache)):
@@ -54,15 +69,58 @@ def test_workers_draw_torchvisions_boxes_and_flips(cache, seed):
         params = crop.make_params([torch.zeros(3, height, width, dtype=torch.uint8)])
         cpu.append((params["top"], params["left"], params["height"], params["width"], bool(torch.rand(1) < 0.5)))
     torch.manual_seed(seed)
-    device = [draw_box(*cache.image(i).shape[:2]) for i in range(len(cache))]
+    device = [draw(*cache.image(i).shape[:2]) for i in range(len(cache))]
     assert device == cpu
-    # ... and what the CPU path's transform does with the same seed is that box, flipped or not.
+    # ... and what the cache path's transform does with the same seed is that box, flipped or not.
     torch.manual_seed(seed)
     image, _ = cache[0]
     top, left, h, w, flip = cpu[0]
     expected = F.resized_crop(torch.from_numpy(cache.image(0).copy()).permute(2, 0, 1), top, left, h, w, [24, 24],
                               antialias=True)
     assert torch.equal(image, expected.flip(-1) if flip else expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_draws_take_the_classic_transforms_boxes(seed):
+    """The same random boxes as the book's PIL transform (torchvision's classic RandomResizedCrop)."""
+    image = photo(seed, (80, 60))
+    torch.manual_seed(seed)
+    box_v1 = transforms.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+    torch.manual_seed(seed)
+    crop = v2.RandomResizedCrop(24, antialias=True)
+    params = crop.make_params([torch.zeros(3, 60, 80, dtype=torch.uint8)])
+    assert (params["top"], params["left"], params["height"], params["width"]) == box_v1
+    torch.manual_seed(seed)
+    assert draw(60, 80)[:4] == box_v1
+
+
+def test_train_transform_crops_flips_and_normalises():
+    grey = Image.new("RGB", (80, 60), (128, 128, 128))
+    tensor = train_transform(32)(grey)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    expected = torch.tensor([(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
+    assert torch.allclose(tensor.mean((1, 2)), expected, atol=0.02)
+
+
+def test_train_transform_is_random():
+    image = Image.new("RGB", (64, 64))
+    image.paste((255, 255, 255), (0, 0, 32, 64))  # white left half: crops and flips move it
+    torch.manual_seed(0)
+    outputs = [train_transform(16)(image) for _ in range(6)]
+    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_pil_path_is_the_books_transform(seed):
+    """train_transform is, pixel for pixel, the book's RandomResizedCrop + RandomHorizontalFlip +
+    ToTensor + Normalize for the same seed."""
+    image = photo(seed, (80, 60))
+    book = transforms.Compose([transforms.RandomResizedCrop(32), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.manual_seed(seed)
+    expected = [book(image) for _ in range(4)]
+    torch.manual_seed(seed)
+    assert all(torch.equal(train_transform(32)(image), want) for want in expected)
 
 
 def test_device_batches_have_the_cpu_paths_shape_dtype_and_layout(cache):
@@ -122,6 +180,7 @@ def test_batches_pin_and_move_without_blocking():
     assert moved.is_cuda and torch.allclose(moved.cpu(), crop_resize(batch), atol=1e-2)
 
 
+@pytest.mark.slow
 def test_a_tiny_training_augments_on_the_device(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = make_project(tmp_path / "p")

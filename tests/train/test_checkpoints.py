@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_training import OnEpoch, fit_tiny, make_project
 
-from finetune.errors import WriteError
-from finetune.files import write_atomic
+from finetune.core.errors import WriteError
+from finetune.core.files import write_atomic
 from finetune.train.checkpoints import CHECKPOINT, CheckpointWriter, load_checkpoint, save_checkpoint
 
 
@@ -25,6 +25,7 @@ def project(tmp_path, monkeypatch) -> Path:
     return make_project(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_set_aside_and_training_starts_again(project, caplog):
     model, run = fit_tiny(project, epochs=1)
     run()
@@ -191,6 +192,7 @@ def test_a_saved_checkpoint_starts_the_next_interval(tmp_path):
     assert writer.due(final=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("every_s", "changes", "written"), [
     (0, {}, [1, 2, 3]),
     (3600, {}, [3]),  # tiny epochs, a long interval: the last epoch only

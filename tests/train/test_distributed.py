@@ -57,6 +57,7 @@ def train(root: Path) -> subprocess.CompletedProcess:
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tmp_path):
     results = {}
     for nproc in (1, 2):

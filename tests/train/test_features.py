@@ -6,7 +6,8 @@ import pytest
 import torch
 from test_training import fit_tiny, make_project
 
-from finetune.config import load_params
+from finetune.core.config import load_params
+from finetune.model.factory import top_of
 from finetune.train.features import backbone
 from finetune.train.runtime import predict, resolve_runtime
 from finetune.train.strategy import feature_views, frozen_epochs, head_only
@@ -48,6 +49,7 @@ def test_which_epochs_train_the_head_on_cached_features(project, strategy, unfre
         assert feature_views(cfg, 1) == min(3, frozen) and feature_views(cfg, frozen) == 1
 
 
+@pytest.mark.slow
 def test_freeze_on_cached_features_reports_what_the_live_model_scores(project):
     model, run = fit_tiny(project, strategy="freeze", epochs=3, max_steps=None, feature_views=2, momentum=0.9,
                           select="last")
@@ -74,6 +76,7 @@ def test_freeze_on_cached_features_reports_what_the_live_model_scores(project):
     assert history[-1].val_acc == pytest.approx((probs.argmax(1) == truth).float().mean().item())
 
 
+@pytest.mark.slow
 def test_gradual_leaves_cached_features_when_it_unfreezes(project):
     # select: last, or a better first epoch (layer4 still frozen) would be the weights kept
     model, run = fit_tiny(project, strategy="gradual", epochs=2, unfreeze={2: "layer4"}, max_steps=None,
@@ -87,13 +90,14 @@ def test_gradual_leaves_cached_features_when_it_unfreezes(project):
     assert any(not torch.equal(a, b) for a, b in zip(layer4, model.layer4.parameters(), strict=True))
 
 
-def test_backbone_is_the_heads_input(project):
+def test_backbone_is_the_tops_input(project):
     model, _ = fit_tiny(project)
     model.eval()
+    top = top_of(model)  # a ResNet's: its output layer fc (every row: tests/model/test_archs.py)
     images = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.allclose(model.fc(backbone(model, images)), model(images), atol=1e-5)
-    assert isinstance(model.fc, torch.nn.Linear)  # put back
+        assert torch.allclose(top(backbone(model, images)), model(images), atol=1e-5)
+    assert top_of(model) is top and isinstance(top, torch.nn.Linear)  # put back
 
 
 @pytest.mark.parametrize(("setting", "device", "compiled"), [(True, "cpu", True), (False, "cpu", False),

@@ -17,14 +17,14 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 from test_training import TINY, make_project, paths, tiny_train
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import stage_env, sync_workspace
-from finetune.errors import TrainingBusy
+from finetune.core.errors import TrainingBusy
 from finetune.stages.search import search_variant
 from finetune.stages.train import train_variant
-from finetune.train.guard import LOCK_FILE, hold_folder
+from finetune.core.guard import LOCK_FILE, hold_folder
 
-HOLD = ("import sys, time; from pathlib import Path; from finetune.train.guard import hold_folder\n"
+HOLD = ("import sys, time; from pathlib import Path; from finetune.core.guard import hold_folder\n"
         "with hold_folder(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)\n")
 
 
@@ -67,7 +67,7 @@ def test_a_second_trainer_of_a_folder_fails_at_once_naming_the_holder(tmp_path, 
     assert not (out / LOCK_FILE).exists() and not (out / ".checkpoint.pt.abc123.tmp").exists()
 
 
-WAIT = ("from finetune.train.guard import stop_with_starter; import time\n"
+WAIT = ("from finetune.core.guard import stop_with_starter; import time\n"
         "stop_with_starter(); print('armed', flush=True); time.sleep(120)\n")
 STARTER = "import subprocess, sys; subprocess.Popen(sys.argv[1:]).wait()"
 

@@ -17,7 +17,7 @@ from images import encode
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
 from finetune.model.factory import build_model
 from finetune.stages.search import search_variant
@@ -121,6 +121,7 @@ def test_a_divergent_lr_is_caught_marked_and_never_chosen(project, caplog):
     assert any("epoch 1 diverged" in r.getMessage() and "lr all 100" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_a_training_whose_every_epoch_collapsed_fails_naming_the_keys(project):
     params = load_params(project / "params.yaml")
     cfg = params.train["scratch"].model_copy(update={"lr": 1e-12})
@@ -201,5 +202,6 @@ def test_the_train_stage_depends_on_its_search_in_dvc_yaml():
     assert "--search ${search.out}/${key}.json" in stages["train"]["do"]["cmd"]
     # persist: a failed rerun of the search keeps the last choice (DVC would delete it first)
     assert stages["search"]["do"]["outs"] == [{"${search.out}/${key}.json": {"cache": False, "persist": True}}]
+    # the study reads the compared variants' searches through study_plan's file
     assert {"${search.out}/${evaluate.challenger}.json", "${search.out}/${evaluate.baseline}.json"} <= set(
-        stages["study"]["do"]["deps"])
+        stages["study_plan"]["deps"])

@@ -10,9 +10,9 @@ from conftest import REPO
 from torch import nn
 from train.test_training import fit_tiny, make_project
 
-from finetune.config import load_params
+from finetune.core.config import load_params
 from finetune.demo.workspace import write_params
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 from finetune.train.callbacks import EpochStats
 from finetune.train.checkpoints import load_checkpoint
 from finetune.train.selection import Selection
@@ -137,6 +137,7 @@ def test_selection_settings_are_checked(tmp_path, changes, message):
         load_params(tmp_path / "params.yaml")
 
 
+@pytest.mark.slow
 def test_fit_stops_early_keeps_the_best_epoch_and_a_resume_trains_no_further(tmp_path):
     project = make_project(tmp_path / "p")
     model, run = fit_tiny(project, epochs=4, early_stopping={"patience": 1, "min_delta": 1.0})

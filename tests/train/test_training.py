@@ -18,7 +18,8 @@ from conftest import REPO
 from images import write_dataset
 from mlflow.tracking import MlflowClient
 
-from finetune.config import load_params
+from finetune.core.config import load_params
+from finetune.core.errors import ConfigError
 from finetune.demo.workspace import stage_env, write_params
 from finetune.model.factory import build_model
 from finetune.stages.train import Paths, train_variant
@@ -26,6 +27,7 @@ from finetune.train.callbacks import Callback
 from finetune.train.checkpoints import load_checkpoint
 from finetune.train.loaders import loaders
 from finetune.train.loop import fit
+from finetune.train.lr_groups import TABLE, configured_lrs, lr_metrics, lr_params
 from finetune.train.runtime import resolve_runtime
 from finetune.train.strategy import make_optimizer
 
@@ -71,6 +73,9 @@ def test_optimizer_groups_carry_the_configured_lrs(project, mult, groups):
     optimizer = make_optimizer(build_model("resnet18", "none", 2), cfg)
     assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(groups)
     assert all(g["weight_decay"] == cfg.weight_decay and g["momentum"] == 0.9 for g in optimizer.param_groups)
+    # The one table of group names (what runs show them as) knows every group the optimiser builds.
+    assert configured_lrs(cfg) == pytest.approx(groups) and groups.keys() <= TABLE.keys()
+    assert lr_params(cfg) == pytest.approx({"lr": 0.01} | ({"lr.head": 0.1} if mult else {}))
 
 
 class OnEpoch(Callback):
@@ -97,6 +102,7 @@ def fit_tiny(project: Path, **changes):
                                    fingerprint="t", **kw)
 
 
+@pytest.mark.slow
 def test_freeze_trains_the_head_only_and_keeps_batchnorm_statistics(project):
     model, run = fit_tiny(project, strategy="freeze", epochs=1, momentum=0.9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -106,6 +112,7 @@ def test_freeze_trains_the_head_only_and_keeps_batchnorm_statistics(project):
     assert changed and all(k.startswith("fc.") for k in changed), sorted(changed)[:5]
 
 
+@pytest.mark.slow
 def test_gradual_unfreezes_the_planned_blocks_at_their_epochs(project):
     model, run = fit_tiny(project, strategy="gradual", epochs=3, unfreeze={2: "layer4", 3: "layer3"},
                           unfreeze_lr_mult=0.1, lr=0.01, head_lr_mult=10)
@@ -119,8 +126,13 @@ def test_gradual_unfreezes_the_planned_blocks_at_their_epochs(project):
     run(callbacks=[OnEpoch(record)])
     assert [s[1] for s in seen] == [["fc"], ["fc", "layer4"], ["fc", "layer3", "layer4"]]
     assert seen[2][2] == pytest.approx({"head": 0.1, "layer4": 0.001, "layer3": 0.001})
+    # In a run: one metric per group, each block its own; the blocks' configured rate one param.
+    assert lr_metrics(seen[2][2]) == pytest.approx({"lr_head": 0.1, "lr_layer4": 0.001, "lr_layer3": 0.001})
+    cfg = load_params(project / "params.yaml").train["finetune"]
+    assert lr_params(cfg) == pytest.approx({"lr": 0.01, "lr.head": 0.1, "lr.unfrozen": 0.001})
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_written_every_epoch_and_a_rerun_resumes(project):
     model, run = fit_tiny(project, epochs=2)
     history = run().history
@@ -134,6 +146,7 @@ def test_a_checkpoint_is_written_every_epoch_and_a_rerun_resumes(project):
     assert epochs == [3] and [s.epoch for s in resumed.history] == [1, 2, 3] and callback.ended == [1, 2, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_train_stage_writes_outputs_and_an_mlflow_run(project, num_classes, monkeypatch):
     names = tuple(f"c{i}" for i in range(num_classes))
@@ -193,13 +206,18 @@ def test_kill_9_mid_epoch_then_rerun_resumes_and_continues_the_mlflow_run(tmp_pa
     assert first.poll() is None, "finished before it could be killed: " + first.stdout.read()
     os.kill(first.pid, signal.SIGKILL)  # in epoch 2: the checkpoint of epoch 1 exists
     first.wait()
-    done = torch.load(checkpoint, weights_only=False)["epoch"]
+    state = torch.load(checkpoint, weights_only=False)
+    done = state["epoch"]
     assert 1 <= done < 3
+    # The checkpoint names its run only by the tracking record's opaque token, which the record
+    # reads back on the rerun.
+    assert set(state["extra"]) == {"settings", "tracking"} and not any("mlflow" in key for key in state["extra"])
 
     second = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert f"resuming: epoch {done} of 3 done" in second.stderr
     run_id = json.loads((project / "models" / "finetune" / "run.json").read_text())["mlflow_run_id"]
+    assert state["extra"]["tracking"] == run_id
     client = MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -210,6 +228,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_and_continues_the_mlflow_run(tmp_pa
     assert json.loads((project / "m.json").read_text())["epochs_trained"] == 3
 
 
+@pytest.mark.slow
 def test_a_finished_training_is_not_resumed_but_trained_afresh(project, monkeypatch):
     monkeypatch.chdir(project)
     params = load_params()
@@ -222,3 +241,16 @@ def test_a_finished_training_is_not_resumed_but_trained_afresh(project, monkeypa
     # Same settings, data and code: both trainings are children of one pipeline run.
     parents = {client.get_run(r).data.tags["mlflow.parentRunId"] for r in (first.run_id, second.run_id)}
     assert len(parents) == 1
+
+
+def test_pretrain_refuses_a_source_model_that_starts_from_pretrained_weights(project):
+    """The pretrain stage always trains the source model from random weights: params.yaml is
+    refused at load (before any stage runs) unless pretrain.train.init is scratch."""
+    write_params(project / "params.yaml", project / "params.yaml", {"pretrain.train.init": "pretrained"})
+    with pytest.raises(ConfigError) as refused:
+        load_params(project / "params.yaml")
+    message = str(refused.value)
+    assert "pretrain.train.init is 'pretrained'" in message and "Set `init: scratch` under pretrain.train" in message
+    # The default recipe (train_defaults: init scratch) is what pretrain uses.
+    write_params(project / "params.yaml", project / "params.yaml", {"pretrain.train.init": "scratch"})
+    assert load_params(project / "params.yaml").pretrain.train.init == "scratch"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from finetune.errors import plain_error
+from finetune.core.errors import plain_error
 
 SPLITS = ("train", "test")
 COLUMNS = ("path", "split", "class", "ext", "bytes", "sha256", "decodes", "error",

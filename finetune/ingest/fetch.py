@@ -12,8 +12,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import DataConfig
-from finetune.data.archive import (
+from finetune.core.config import DataConfig
+from finetune.core.errors import FetchError
+from finetune.core.files import file_digest
+from finetune.ingest.archive import (
     archive_members,
     dataset_root,
     extract,
@@ -21,9 +23,7 @@ from finetune.data.archive import (
     matches,
     require_layout,
 )
-from finetune.data.download import RetryPolicy, archive_name, download, is_remote, local_path, looks_like_html
-from finetune.errors import FetchError
-from finetune.files import file_digest
+from finetune.ingest.download import RetryPolicy, archive_name, download, is_remote, local_path, looks_like_html
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Images are not a table, so the checks run on three tables derived from the index
 Every threshold comes from ``validate:`` in params.yaml. The suites are rebuilt from it on each
 run and saved in the file-backed context (``validate.gx_dir``), whose validation results feed
 the Data Docs site at ``validate.docs`` (its index.html is the self-contained page of
-finetune/data/report_html.py; GX's own index is beside it as gx-index.html).
+finetune/ingest/report_html.py; GX's own index is beside it as gx-index.html).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.config import ValidateConfig
-from finetune.data.index import SPLITS
+from finetune.core.config import ValidateConfig
+from finetune.ingest.index import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ SITE = "local_site"
 # The column that names an offending row in each table's results.
 KEYS = {"images": "path", "classes": "class", "splits": "split"}
 # Checks on single files: in quarantine mode their offending files are left out.
-# GX's own Data Docs index, renamed: index.html is the offline page of finetune/data/report_html.py.
+# GX's own Data Docs index, renamed: index.html is the offline page of finetune/ingest/report_html.py.
 GX_INDEX = "gx-index.html"
 FILE_CHECKS = ("in_class_folder", "decodes", "extension", "min_side", "aspect_ratio", "pixels", "leakage")
 
@@ -182,7 +182,7 @@ def build_docs(cfg: ValidateConfig, context, workdir: Path) -> Path:
     """Rebuild the Data Docs site from every stored validation; return its folder.
 
     GX's index lists the validations with scripts from CDNs (blank offline): it moves to
-    GX_INDEX, and index.html is left to the self-contained page (finetune/data/report_html.py).
+    GX_INDEX, and index.html is left to the self-contained page (finetune/ingest/report_html.py).
     """
     context.build_data_docs(site_names=[SITE])
     folder = (workdir / cfg.docs).resolve()

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from finetune.progress import Progress, human
+from finetune.core.progress import Progress, human
 
 
 class FakeTerminal(io.StringIO):
@@ -16,7 +16,7 @@ class FakeTerminal(io.StringIO):
 
 
 def test_off_a_terminal_it_logs_every_tenth(caplog):
-    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+    with caplog.at_level(logging.INFO, logger="finetune.core.progress"):
         with Progress("job", total=1000, stream=io.StringIO()) as progress:
             for _ in range(100):
                 progress.update(10)
@@ -27,8 +27,8 @@ def test_off_a_terminal_it_logs_every_tenth(caplog):
 
 def test_quiet_work_logs_only_after_quiet_s(caplog, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("finetune.progress.time.monotonic", lambda: clock[0])
-    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+    monkeypatch.setattr("finetune.core.progress.time.monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="finetune.core.progress"):
         with Progress("short", total=100, unit="img", stream=io.StringIO(), quiet_s=15) as progress:
             for _ in range(10):
                 clock[0] += 1  # 10 s in all: nothing to say
@@ -42,7 +42,7 @@ def test_quiet_work_logs_only_after_quiet_s(caplog, monkeypatch):
 
 
 def test_a_reset_continues_from_the_resumed_offset(caplog):
-    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+    with caplog.at_level(logging.INFO, logger="finetune.core.progress"):
         progress = Progress("dl", total=100, stream=io.StringIO())
         progress.update(35)
         progress.reset(done=50, total=100)
@@ -52,7 +52,7 @@ def test_a_reset_continues_from_the_resumed_offset(caplog):
 
 def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(caplog):
     terminal = FakeTerminal()
-    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+    with caplog.at_level(logging.INFO, logger="finetune.core.progress"):
         with Progress("bar", total=10, unit="img", stream=terminal) as progress:
             progress.update(10)
     assert "bar" in terminal.getvalue() and "10/10" in terminal.getvalue()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.files import write_atomic
+from finetune.core.files import write_atomic
 
 
 def test_replaces_the_file_whole(tmp_path):

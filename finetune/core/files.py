@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune.errors import WriteError
+from finetune.core.errors import WriteError
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,9 +1,10 @@
 """One trainer per output folder, and no trainer without the process that started it.
 
-``hold_folder``: an exclusive lock (fcntl) on ``<out>/.train.lock`` for the whole training, so a
-second training of the same folder fails at once and names the holder. The file is removed
-before the lock is released: ``<out>`` is a DVC output, and after a finished training it must
-hold only what the training wrote (a killed training leaves the file; the next one removes it).
+``hold_folder``: an exclusive lock (finetune/core/lock.py) on ``<out>/.train.lock`` for the whole
+training, so a second training of the same folder fails at once and names the holder. The file
+is removed before the lock is released: ``<out>`` is a DVC output, and after a finished training
+it must hold only what the training wrote (a killed training leaves the file; the next one
+removes it).
 
 ``stop_with_starter``: the training process ends (SIGKILL, like ``kill -9``: the last checkpoint
 is whole, since checkpoints are written atomically) when the process that started it ends, e.g.
@@ -19,7 +20,6 @@ load (seconds), while it is surely alive; a stage whose ``dvc repro`` was killed
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import re
@@ -30,17 +30,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
 
-from finetune.errors import TrainingBusy
+from finetune.core.env import WATCH
+from finetune.core.errors import TrainingBusy
+from finetune.core.lock import LockBusy, acquire, release
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".train.lock"
-# Processes to watch as "pid:start-time" words: each process adds its starter for its children
-# (torchrun's workers watch what started the launcher); a flow may add itself.
-WATCH_ENV = "FINETUNE_WATCH"
-POLL_S = 0.5
+POLL_S = 0.5  # how often the watch thread looks at the watched processes
 _SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
 _PR_SET_PDEATHSIG = 1
 # DVC sets it for every stage command (dvc/stage/run.py): its starter is DVC, through `sh -c`.
@@ -60,47 +58,20 @@ def hold_folder(out: Path) -> Iterator[None]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
-    handle = _lock(path, out)
     try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-        handle.flush()
+        handle = acquire(path)
+    except LockBusy as busy:
+        pid = busy.holder.pid or "?"
+        raise TrainingBusy(
+            f"{out} is being trained by another process ({busy.holder}; lock file {path}): two trainings of "
+            f"one folder would overwrite each other's checkpoint and MLflow run. Wait for it to finish, or stop "
+            f"it (kill {pid}) and rerun: the rerun resumes from its last checkpoint.") from None
+    try:
         for leftover in out.glob(".*.tmp"):  # write_atomic's files of a killed training
             leftover.unlink(missing_ok=True)
         yield
     finally:
-        path.unlink(missing_ok=True)  # still locked: nobody else can hold this file now
-        handle.close()
-
-
-def _lock(path: Path, out: Path) -> TextIO:
-    """An open, exclusively locked handle on ``path`` (the file that is there now)."""
-    while True:
-        handle = path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, since = holder(handle)
-            handle.close()
-            raise TrainingBusy(
-                f"{out} is being trained by another process (pid {pid}, since {since}; lock file {path}): "
-                f"two trainings of one folder would overwrite each other's checkpoint and MLflow run. Wait "
-                f"for it to finish, or stop it (kill {pid}) and rerun: the rerun resumes from its last "
-                "checkpoint.") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                return handle
-        except FileNotFoundError:
-            pass
-        handle.close()  # its last holder removed it between our open and lock: lock the new one
-
-
-def holder(handle: TextIO) -> tuple[str, str]:
-    """(pid, since) as the lock file says; "?" where it does not say yet."""
-    handle.seek(0)
-    pid, _, since = handle.read().strip().partition(" ")
-    return pid or "?", since or "?"
+        release(handle, path, remove=True)
 
 
 def record_starter(module: str) -> None:
@@ -130,7 +101,7 @@ def stop_with_starter() -> None:
     if not sys.platform.startswith("linux") or os.getpid() in _ARMED:
         return
     _ARMED.add(os.getpid())
-    watched = [w for w in os.environ.get(WATCH_ENV, "").split() if re.fullmatch(r"\d+:\d+", w)]
+    watched = [w for w in os.environ.get(WATCH, "").split() if re.fullmatch(r"\d+:\d+", w)]
     starter = _starter()
     if starter is not None:
         watched.append(starter)
@@ -138,7 +109,7 @@ def stop_with_starter() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)  # the direct parent
     if not watched:
         return
-    os.environ[WATCH_ENV] = " ".join(dict.fromkeys(watched))
+    os.environ[WATCH] = " ".join(dict.fromkeys(watched))
     threading.Thread(target=_watch, args=(watched,), name="finetune-starter-watch", daemon=True).start()
 
 

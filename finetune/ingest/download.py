@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,8 @@ from urllib.parse import unquote, urlparse
 
 import requests
 
-from finetune.errors import FetchError
-from finetune.progress import Progress
+from finetune.core.errors import FetchError
+from finetune.core.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from finetune.config import Checksum
-from finetune.errors import FetchError
-from finetune.files import file_digest
+from finetune.core.config import Checksum
+from finetune.core.errors import FetchError
+from finetune.core.files import file_digest
 
 # Folders and files that archivers add and that are not data.
 _JUNK = re.compile(r"(^|/)(__MACOSX|\.DS_Store|Thumbs\.db)(/|$)")

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from finetune.config import PARAMS_FILE, Params, check_weights_file, load_params
-from finetune.errors import FinetuneError
+from finetune.core.config import PARAMS_FILE, Params, check_weights_file, load_params
+from finetune.core.errors import FinetuneError
 
 Handler = Callable[[Params, argparse.Namespace], "int | None"]
 

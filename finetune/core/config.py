@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from finetune.errors import ConfigError
-from finetune.model.archs import ARCHS, BLOCKS
+from finetune.core.errors import ConfigError
+from finetune.model.archs import ARCHS, unfreeze_problem
 
 PARAMS_FILE = Path("params.yaml")
 Positive = Annotated[int, Field(ge=1)]
@@ -216,11 +216,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _gradual_plan(self) -> TrainConfig:
-        blocks = BLOCKS[1:]  # the output layer always trains
+        # The block names depend on model.arch: Params checks them (unfreeze_problem).
         last = self.epochs if isinstance(self.epochs, int) else float("inf")
-        bad = {e: b for e, b in self.unfreeze.items() if b not in blocks or not 1 < e <= last}
+        bad = {e: b for e, b in self.unfreeze.items() if not 1 < e <= last}
         if bad:
-            raise ValueError(f"unfreeze entries {bad}: use epoch 2..{self.epochs} -> one of {blocks}")
+            raise ValueError(f"unfreeze entries {bad}: use epochs 2..{self.epochs} -> a block of model.arch")
         return self
 
 
@@ -230,6 +230,21 @@ class PretrainConfig(Section):
 
     data: DataConfig | None
     train: TrainConfig
+
+    @model_validator(mode="after")
+    def _source_starts_from_scratch(self) -> PretrainConfig:
+        # The source model is what stands in for ImageNet weights: it starts from random weights
+        # (finetune/stages/pretrain.py). Starting it from model.weights would read the stage's own
+        # output when that names models/source/model.pt, as it does once pretraining is in use.
+        if self.train.init != "scratch":
+            raise ValueError(
+                f"pretrain.train.init is {self.train.init!r}, but the pretrain stage always trains the source "
+                "model from random weights: it is what fine-tuning starts from when ImageNet weights cannot be "
+                "had, and model.weights (what `pretrained` starts from) then names its own output, "
+                "models/source/model.pt. Set `init: scratch` under pretrain.train in params.yaml (it is "
+                "inherited from train_defaults unless pretrain.train sets it); to fine-tune from ImageNet "
+                "weights, set init: pretrained under train.<variant> instead.")
+        return self
 
 
 class SearchConfig(Section):
@@ -442,6 +457,16 @@ class Params(Section):
     timeouts: TimeoutsConfig
     notify: NotifyConfig
     demo: DemoConfig
+
+    @model_validator(mode="after")
+    def _unfreeze_blocks_of_the_arch(self) -> Params:
+        plans = {"train_defaults": self.train_defaults, "pretrain.train": self.pretrain.train,
+                 **{f"train.{name}": cfg for name, cfg in self.train.items()}}
+        for key, cfg in plans.items():
+            problem = unfreeze_problem(self.model.arch, cfg.unfreeze, f"{key}.unfreeze")
+            if problem:
+                raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _compared_variants_exist(self) -> Params:

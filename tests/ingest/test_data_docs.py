@@ -1,4 +1,4 @@
-"""The validate stage's self-contained Data Docs page (finetune/data/report_html.py), written by the
+"""The validate stage's self-contained Data Docs page (finetune/ingest/report_html.py), written by the
 real stage on generated images: readable offline (nothing fetched from the network), with the
 verdict, the counts, every expectation and the offending files of a failing one."""
 

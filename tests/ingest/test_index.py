@@ -8,7 +8,7 @@ import time
 import pytest
 from images import ODDITIES, huge_png, rgb_jpeg, write_dataset
 
-from finetune.data.index import COLUMNS, build_index, inspect_file, list_dataset
+from finetune.ingest.index import COLUMNS, build_index, inspect_file, list_dataset
 
 LIMIT = 89_478_485
 

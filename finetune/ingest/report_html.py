@@ -4,7 +4,7 @@ split and class, and each expectation with pass/fail and its offending files.
 Great Expectations' own Data Docs draw their index table and status icons with scripts and
 styles from CDNs, so offline they are blank. This page has no script and fetches nothing (its
 CSS is inline); the validate stage writes it at ``<validate.docs>/index.html`` on every run, and
-GX's own index moves beside it as ``gx-index.html`` (see :func:`finetune.data.checks.build_docs`).
+GX's own index moves beside it as ``gx-index.html`` (see :func:`finetune.ingest.checks.build_docs`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune.data.checks import GX_INDEX, CheckResult
-from finetune.data.index import SPLITS
-from finetune.errors import plain_error
-from finetune.files import write_atomic
+from finetune.core.errors import plain_error
+from finetune.core.files import write_atomic
+from finetune.ingest.checks import GX_INDEX, CheckResult
+from finetune.ingest.index import SPLITS
 
 PAGE = "index.html"
 LISTED = 500  # offending entries written per expectation (reports/validate.json keeps 100)

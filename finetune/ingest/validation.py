@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from finetune.config import ValidateConfig
-from finetune.data.checks import FILE_CHECKS, CheckResult, build_docs, open_context, run_suites, tables
-from finetune.data.index import build_index, list_dataset
-from finetune.data.report_html import write_page
-from finetune.errors import FinetuneError, plain_error
-from finetune.files import write_atomic
+from finetune.core.config import ValidateConfig
+from finetune.core.errors import FinetuneError, plain_error
+from finetune.core.files import write_atomic
+from finetune.ingest.checks import FILE_CHECKS, CheckResult, build_docs, open_context, run_suites, tables
+from finetune.ingest.index import build_index, list_dataset
+from finetune.ingest.report_html import write_page
 
 log = logging.getLogger(__name__)
 SHOWN_FILES = 20  # offending files named per failed check in the error message

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from pydantic import ValidationError
 
-from finetune.config import Checksum, TrainConfig, load_params
+from finetune.core.config import Checksum, TrainConfig, load_params
 from finetune.demo.workspace import write_params
-from finetune.errors import ConfigError
+from finetune.core.errors import ConfigError
 
 
 def test_the_repo_params_load_with_the_books_dataset():
@@ -86,9 +87,17 @@ def test_missing_key_and_missing_file(tmp_path):
 
 
 def test_params_are_immutable():
+    """Assigning to a loaded setting or section raises pydantic's ValidationError (frozen_instance)
+    naming the field, and the value stays what params.yaml says."""
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(Exception):
+    url = params.data.url
+    with pytest.raises(ValidationError) as raised:
         params.data.url = "elsewhere"  # type: ignore[misc]
+    assert [(e["type"], e["loc"]) for e in raised.value.errors()] == [("frozen_instance", ("url",))]
+    with pytest.raises(ValidationError) as raised:
+        params.data = None  # type: ignore[misc]
+    assert [(e["type"], e["loc"]) for e in raised.value.errors()] == [("frozen_instance", ("data",))]
+    assert params.data.url == url
 
 
 # The training settings as params.yaml stated them in full before train_defaults (scratch and

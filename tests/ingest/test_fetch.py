@@ -126,9 +126,9 @@ def test_progress_is_plain_lines_off_a_terminal(project, capsys, caplog, http_se
     big = {f"hotdog/{split}/a/big.bin": bytes(1_500_000) for split in ("train", "test")}
     body = make_zip(big)  # 3 MB: several chunks of the download
     url = http_server.serve("/hotdog.zip", body)
-    with caplog.at_level(logging.INFO, logger="finetune.progress"):
+    with caplog.at_level(logging.INFO, logger="finetune.core.progress"):
         assert run_fetch(project, capsys, url=url, checksum=sha(body))[0] == 0
-    lines = [r.getMessage() for r in caplog.records if r.name == "finetune.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "finetune.core.progress"]
     assert any("100%" in line for line in lines) and len(lines) >= 3
     assert not any("\r" in line for line in lines)
 
@@ -282,7 +282,7 @@ def fetch_logged(project, capsys, caplog, url: str) -> tuple[int, str, list[str]
     """Fetch ``url`` (3 attempts allowed); exit code, stderr and the download's log lines."""
     with caplog.at_level(logging.INFO):
         code, err = run_fetch(project, capsys, url=url, checksum=sha(b"x"))
-    lines = [r.getMessage() for r in caplog.records if r.name in ("finetune.data.download", "finetune.progress")]
+    lines = [r.getMessage() for r in caplog.records if r.name in ("finetune.ingest.download", "finetune.core.progress")]
     return code, err, lines
 
 
