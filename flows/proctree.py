@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import psutil
 
+from finetune.core.guard import SHELLS
+
 DEFAULT_GRACE_S = 15.0  # for callers without params (timeouts.grace_s is the pipeline's)
-# The shells DVC may run a stage's command with (``$SHELL -c``, ``/bin/sh`` when unset).
-SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
 
 
 @dataclass(frozen=True)

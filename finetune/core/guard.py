@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".train.lock"
 POLL_S = 0.5  # how often the watch thread looks at the watched processes
-_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"}
+# The shells DVC may run a stage's command with (``$SHELL -c``, ``/bin/sh`` when unset).
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish"})
 _PR_SET_PDEATHSIG = 1
 # DVC sets it for every stage command (dvc/stage/run.py): its starter is DVC, through `sh -c`.
 DVC_STAGE_ENV = "DVC_STAGE"
@@ -133,7 +134,7 @@ def _ancestry() -> tuple[str | None, bool]:
         comm, ppid, start = _stat(pid)
         if comm is None:
             return None, True
-        if comm not in _SHELLS:
+        if comm not in SHELLS:
             return f"{pid}:{start}", False
         if "-c" not in _cmdline(pid):
             return None, False  # started by hand: the terminal (SIGHUP) decides, not us
