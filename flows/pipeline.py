@@ -140,7 +140,9 @@ def ending(state) -> str:
     a run whose process died (kill -9, out of memory), as its runner reports it."""
     message = state.message or ""
     # Prefect's Crashed message for a KeyboardInterrupt or a TerminationSignal (prefect/states.py).
-    if state.is_cancelled() or "aborted by an interrupt signal" in message or "aborted by a termination signal" in message:
+    # Cancelling: the state a runner that shuts down (prefect 3.9) hands the cancellation hooks.
+    if (state.is_cancelled() or state.is_cancelling() or "aborted by an interrupt signal" in message
+            or "aborted by a termination signal" in message):
         return "cancellation"
     if state.is_crashed():
         return "crash"

@@ -56,12 +56,16 @@ def serve(root: Path) -> None:
 def stop_flow_runs(grace_s: float) -> None:
     """When serving ends (SIGTERM: Prefect's runner exits; Ctrl-C): SIGTERM to the flow runs it
     started, each its own process, which then stop their stage and announce the end (notify);
-    what is left after ``grace_s`` and 10 s more for the announcement is killed."""
+    what is left after ``grace_s`` and 10 s more for the announcement is killed.
+
+    Only the flow runs get the SIGTERM, not what runs below them: a DVC killed first would fail
+    the stage before its flow run knew it was stopped (announced as a failure, not a stop)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (make scheduler's, after a Ctrl-C) waits for this
-    runs = below(os.getpid())
+    tree = below(os.getpid())
+    runs = psutil.Process().children()
     send(runs, signal.SIGTERM)
-    _, alive = psutil.wait_procs(runs, timeout=grace_s + 10)
-    send([process for process in below(os.getpid()) + alive if process.is_running()], signal.SIGKILL)
+    psutil.wait_procs(runs, timeout=grace_s + 10)
+    send([process for process in [*tree, *below(os.getpid())] if process.is_running()], signal.SIGKILL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ imported from another module, tasks/ made of Prefect tasks, no function longer t
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -66,3 +67,25 @@ def test_no_function_is_longer_than_a_screen():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > SCREEN:
                 long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == []
+
+
+def code_lines(folder: Path):
+    """(file, line number, line) of every Python line under ``folder``, comments and docstrings included."""
+    for path in sorted(folder.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            yield path.relative_to(REPO), number, line
+
+
+def test_only_the_model_folder_names_an_architectures_layers():
+    """`fc` is resnet's head: every other layer asks the arch table (finetune/model/archs.py)."""
+    named = [f"{path}:{number}" for folder in ("finetune", "flows", "tasks", "bench")
+             for path, number, line in code_lines(REPO / folder)
+             if re.search(r"\.fc\b|[\"']fc[\"']", line) and path.parts[:2] != ("finetune", "model")]
+    assert not named
+
+
+def test_no_train_time_transform_lives_under_finetune_data():
+    """Crop and flip for training are drawn and applied in finetune/train/augment.py alone."""
+    calls = [f"{path}:{number}" for path, number, line in code_lines(REPO / "finetune" / "data")
+             if re.search(r"(transforms|v2)\.Random\w+\(|\.get_params\(|\bhflip\(|\bRandom\w+\(", line)]
+    assert not calls

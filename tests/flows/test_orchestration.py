@@ -234,7 +234,7 @@ def test_a_finished_run_ends_with_its_answer_in_at_most_six_lines(tmp_path):
 
 
 def test_each_end_of_a_run_is_announced_as_its_own_event():
-    from prefect.states import Cancelled, Crashed, Failed
+    from prefect.states import Cancelled, Cancelling, Crashed, Failed
 
     from flows.pipeline import ending
 
@@ -243,5 +243,6 @@ def test_each_end_of_a_run_is_announced_as_its_own_event():
     assert ending(Failed(message="Flow run exceeded timeout of 5 second(s)", name="TimedOut")) == "timeout"
     assert ending(Crashed(message="Flow run process exited with non-zero status code -9.")) == "crash"
     assert ending(Crashed(message="Execution was aborted by a termination signal.")) == "cancellation"
+    assert ending(Cancelling(message="Runner is shutting down.")) == "cancellation"  # a worker that stops
     assert ending(Crashed(message="Execution was aborted by an interrupt signal.")) == "cancellation"
     assert ending(Cancelled(message="cancelled in the UI")) == "cancellation"

@@ -194,7 +194,8 @@ def test_a_killed_flow_run_is_announced_and_a_stopped_worker_stops_its_runs(tmp_
         print(f"worker exited {took:.1f} s after SIGTERM")
         assert took < 30, (tmp_path / "worker.log").read_text()
         assert_clean(root, processes)
-        assert [r["title"] for r in received][1:] == ["finetune finetune-retrain: cancellation"]
+        assert [r["title"] for r in received][1:] == ["finetune finetune-retrain: cancellation"], \
+            (received[1:], (tmp_path / "worker.log").read_text())
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
