@@ -9,10 +9,10 @@ import logging
 import time
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.evaluate.metrics import VariantEval, metrics_document
 from finetune.evaluate.report import verdict_line
 from finetune.tracking.inputs import log_data

@@ -16,6 +16,7 @@ import pickle
 import tempfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import PIL
@@ -25,7 +26,6 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-import mlflow
 from finetune.data import portable as data_portable
 from finetune.model.classifier import load_classifier
 from finetune.tracking import portable_model

@@ -20,13 +20,12 @@ import binascii
 import json
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
-
-import mlflow
 
 try:  # inside a registered model: portable.py ships beside this file, in the model's code/ folder
     import portable

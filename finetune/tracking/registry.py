@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.core.config import Params
 from finetune.core.errors import FinetuneError
 from finetune.core.files import fingerprint_of, write_atomic

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import requests
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
 
-import mlflow
 from finetune.core.config import Params, TrainConfig
 from finetune.core.errors import FinetuneError
 from finetune.core.files import write_atomic

@@ -6,10 +6,10 @@ view then plots lr against val_acc across a search's trials (parallel coordinate
 
 from __future__ import annotations
 
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.core.config import Params
 from finetune.data.lineage import data_version, git_commit
 from finetune.tracking.runs import ended, pipeline_parent

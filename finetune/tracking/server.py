@@ -18,10 +18,10 @@ import re
 import threading
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.core.config import ServeConfig, load_params
 from finetune.core.errors import FinetuneError
 from finetune.tracking.portable_model import IMAGE_COLUMN

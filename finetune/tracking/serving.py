@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import PIL
@@ -41,7 +42,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-import mlflow
 from finetune.core.config import ModelConfig, Params, ServeConfig
 from finetune.core.errors import FinetuneError, plain_error
 from finetune.data import portable as data_portable

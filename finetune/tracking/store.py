@@ -18,9 +18,9 @@ import platform
 import time
 from pathlib import Path
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from finetune.core.env import PIPELINE_RUN, PIPELINE_START
 from finetune.core.files import fingerprint_of
 
