@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from stack.postgres import StackError
+from stack.postgres import MLFLOW_DRIVER, StackError
 from stack.services import ADMIN, PIPELINE, READER, Stack, write_private
 
 AUTH_DATABASE = "mlflow_auth"  # the users and permissions, beside the tracking database
@@ -24,7 +24,7 @@ def config(stack: Stack) -> Path:
     write_private(path, "\n".join([
         "[mlflow]",
         "default_permission = READ",
-        f"database_uri = {stack.postgres.url(AUTH_DATABASE)}",
+        f"database_uri = {stack.postgres.url(AUTH_DATABASE, MLFLOW_DRIVER)}",
         f"admin_username = {ADMIN}",
         # Used once, when the user store is empty: the admin never has MLflow's default password.
         f"admin_password = {stack.secrets[ADMIN]}",

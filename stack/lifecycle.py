@@ -9,7 +9,7 @@ import time
 
 from finetune.ports import PortBusy, check_free
 from stack import auth, objectstore
-from stack.postgres import StackError
+from stack.postgres import MLFLOW_DRIVER, StackError
 from stack.services import BUCKET, HEARTBEAT_S, PORT_KEYS, POOL, ZOMBIES, Stack, save
 
 SERVICES = ("s3", "mlflow", "prefect", "worker")  # detached processes, in start order
@@ -30,7 +30,7 @@ def start_mlflow(stack: Stack) -> None:
     """`mlflow server` with its basic-auth app: runs and registry in PostgreSQL, artifacts in the
     bucket, served through it; then its users (stack/auth.py)."""
     command = [sys.executable, "-m", "mlflow", "server", "--host", stack.host, "--port", str(stack.ports.mlflow),
-               "--backend-store-uri", stack.postgres.url("mlflow"), "--serve-artifacts",
+               "--backend-store-uri", stack.postgres.url("mlflow", MLFLOW_DRIVER), "--serve-artifacts",
                "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1", "--app-name", "basic-auth"]
     if stack.host != "127.0.0.1":  # MLflow answers only the Host headers it allows (DNS rebinding)
         command += ["--allowed-hosts", f"localhost:*,127.0.0.1:*,{stack.host}:*"]

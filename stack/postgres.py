@@ -15,6 +15,9 @@ from pathlib import Path
 
 SUPERUSER = "finetune"
 DATABASES = ("mlflow", "prefect", "mlflow_auth")  # the last: the MLflow server's users (stack/auth.py)
+# MLflow's SQLAlchemy driver, named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which
+# the stack does not install (psycopg2-binary is its driver).
+MLFLOW_DRIVER = "postgresql+psycopg2"
 INSTALL_HINT = ("install the PostgreSQL server package (Debian/Ubuntu: `apt-get install postgresql`; "
                 "macOS: `brew install postgresql`) or put the folder holding pg_ctl and initdb on PATH")
 
@@ -112,6 +115,8 @@ class Postgres:
         return (self.root / "postgres").resolve() / "data"
 
     def url(self, database: str, driver: str = "postgresql") -> str:
+        """A connection URL of ``database``: plain for libpq (psycopg2.connect); SQLAlchemy users name
+        their driver (:data:`MLFLOW_DRIVER`, ``postgresql+asyncpg`` for Prefect)."""
         return f"{driver}://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def pg(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
