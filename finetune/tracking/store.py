@@ -33,7 +33,6 @@ NOTE_TAG = "mlflow.note.content"  # the description the UI shows on an experimen
 SELECTION_TAG = "finetune.selection"  # a training run's kept epoch in words (runs.py; evaluation.py reuses it)
 # When the orchestrator started the pipeline (the Prefect flow sets it for the stages it runs,
 # flows/pipeline.py): the parent run starts there, not when the first training asks for it.
-START_ENV = PIPELINE_START
 REGISTRY_EXPERIMENT = "finetune-registry"  # the registry's bookkeeping, apart from the training runs
 # A tracking server that is away costs seconds per request, not MLflow's default minutes (120 s
 # timeout, 7 retries with backoff 2: about 4 min per call): training goes on without it and
@@ -120,7 +119,7 @@ def pipeline_start() -> int:
     """``FINETUNE_PIPELINE_START`` (ms), or now when unset, unreadable or in the future."""
     now = int(time.time() * 1000)
     try:
-        start = int(os.environ.get(START_ENV, ""))
+        start = int(os.environ.get(PIPELINE_START, ""))
     except ValueError:
         return now
     return start if 0 < start <= now else now

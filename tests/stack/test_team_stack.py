@@ -28,6 +28,7 @@ from tracking.test_outage import EPOCHS, SLOW_EPOCHS, epochs_done, steps, train_
 from train.test_distributed import separable_project
 from train.test_training import make_project
 
+from finetune.core.env import PIPELINE_RUN
 from finetune.demo.workspace import stage_env, sync_workspace, write_params
 from flows.lock import LOCK_FILE
 from stack.lifecycle import purge, start_mlflow, start_worker, up
@@ -276,7 +277,7 @@ def test_two_nodes_under_torchrun_train_one_model_into_one_run(team, tmp_path):
     # No shared folder: each node's first process builds that node's decode cache.
     env = stage_env() | stack.user_env(PIPELINE) | {"MLFLOW_TRACKING_URI": stack.urls()["MLflow"],
                                                     "GLOO_SOCKET_IFNAME": "lo"}
-    env.pop("FINETUNE_PIPELINE_RUN", None)
+    env.pop(PIPELINE_RUN, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes",
                "--local-addr", "127.0.0.1", "-m", "finetune.stages.train", "finetune", "--out", "models/finetune",

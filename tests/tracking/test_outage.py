@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from train.test_training import make_project, paths, tiny_train
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN
 from finetune.stages.train import train_variant
 from finetune.tracking import runs
 from finetune.tracking.store import HTTP_LIMITS, use_store
@@ -124,7 +125,7 @@ def test_training_outlives_a_tracking_server_outage_and_the_rerun_logs_the_rest(
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("FINETUNE_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv(PIPELINE_RUN, raising=False)
     return make_project(tmp_path / "project", **tiny_train(epochs=2))
 
 

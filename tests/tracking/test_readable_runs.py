@@ -24,19 +24,18 @@ from images import write_dataset
 from mlflow.tracking import MlflowClient
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN, PIPELINE_START
 from finetune.demo.workspace import write_params
 from finetune.evaluate.report import verdict_line
 from finetune.stages.evaluate import EvalPaths, run_evaluate
 from finetune.stages.train import Paths, train_variant
 from finetune.tracking.registry import LOG_FILE, LOG_TAG, promote, promotion_log, register_candidate
 from finetune.tracking.serving import load_served
-from finetune.tracking.views import pipeline_links
 from finetune.tracking.store import (
     KIND_TAG,
     ML_KIND,
     NOTE_TAG,
     REGISTRY_EXPERIMENT,
-    START_ENV,
     close_pipeline_run,
     parent_run,
     pipeline_experiment,
@@ -44,6 +43,7 @@ from finetune.tracking.store import (
     runtime_tags,
     use_store,
 )
+from finetune.tracking.views import pipeline_links
 
 # evaluate.chance_p: 4 test images can never beat chance at 0.01 (conftest's TINY_DATA says why);
 # these tests read MLflow's records of a run that registers and promotes.
@@ -80,8 +80,8 @@ def pipeline_run(tmp_path_factory):
         project = make_project(tmp_path_factory.mktemp("readable") / "p")
         patch.chdir(project)
         started = int(time.time() * 1000) - STARTED_AGO_MS
-        patch.setenv("FINETUNE_PIPELINE_RUN", KEY)
-        patch.setenv(START_ENV, str(started))
+        patch.setenv(PIPELINE_RUN, KEY)
+        patch.setenv(PIPELINE_START, str(started))
         params = load_params(project / "params.yaml")
         runs = {}
         for variant in ("finetune", "scratch"):
@@ -134,7 +134,7 @@ def test_runtime_tags_describe_the_device_used():
 
 def test_a_parent_run_without_an_orchestrator_starts_when_asked(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv(START_ENV, str(int(time.time() * 1000) + 3_600_000))  # a clock gone wrong: ignored
+    monkeypatch.setenv(PIPELINE_START, str(int(time.time() * 1000) + 3_600_000))  # a clock gone wrong: ignored
     use_store(tmp_path)
     before = int(time.time() * 1000)
     run = MlflowClient().get_run(parent_run(pipeline_experiment(Path("data/hotdog"), tmp_path), "k", {}))

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from train.test_training import fit_tiny, make_project
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN
 from finetune.tracking import runs
 from finetune.tracking.study import study_record
 from finetune.train.callbacks import Callback
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("FINETUNE_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv(PIPELINE_RUN, raising=False)
     return make_project(tmp_path / "p")
 
 

@@ -16,6 +16,7 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from finetune.core.env import PIPELINE_RUN
 from finetune.demo.workspace import stage_env, write_params
 from finetune.train.distributed import SINGLE, interleave, torchrun_command
 
@@ -51,7 +52,7 @@ def separable_project(root: Path, nproc: int) -> Path:
 def train(root: Path) -> subprocess.CompletedProcess:
     env = stage_env()
     env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("FINETUNE_PIPELINE_RUN", None)
+    env.pop(PIPELINE_RUN, None)
     return subprocess.run([sys.executable, "-m", "finetune.stages.train", "finetune", "--out", "models/finetune",
                            "--metrics", "metrics/finetune.json", "--plots", "plots/finetune.csv"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN
 from finetune.demo.workspace import write_params
 from finetune.model.factory import build_model
 from finetune.stages.search import search_variant
@@ -72,7 +73,7 @@ def learnable_project(root: Path, train: int = 12, test: int = 6, **overrides) -
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("FINETUNE_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv(PIPELINE_RUN, raising=False)
     return learnable_project(tmp_path / "p")
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from test_training import make_project, paths
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN
 from finetune.model.archs import ARCHS
 from finetune.model.classifier import load_classifier, probabilities
 from finetune.model.factory import build_model, head_of
@@ -49,7 +50,7 @@ def pipeline(request, tmp_path_factory):
         # The project's own store, and MLflow's URI variable as it was once the module is done.
         patch.setenv("MLFLOW_TRACKING_URI", "unset")
         patch.delenv("MLFLOW_TRACKING_URI")
-        patch.delenv("FINETUNE_PIPELINE_RUN", raising=False)
+        patch.delenv(PIPELINE_RUN, raising=False)
         params = load_params(project / "params.yaml")
         trained = {v: train_variant(params, v, paths(v), project) for v in ("finetune", "scratch")}
         run_evaluate(params, EvalPaths(project / "models", project / "plots"), project)

@@ -19,6 +19,7 @@ from images import write_dataset
 from mlflow.tracking import MlflowClient
 
 from finetune.core.config import load_params
+from finetune.core.env import PIPELINE_RUN
 from finetune.core.errors import ConfigError
 from finetune.demo.workspace import stage_env, write_params
 from finetune.model.factory import build_model
@@ -57,7 +58,7 @@ def make_project(root: Path, classes=("hotdog", "not-hotdog"), train=4, test=2, 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("FINETUNE_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv(PIPELINE_RUN, raising=False)
     return make_project(tmp_path)
 
 
